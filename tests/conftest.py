@@ -1,0 +1,29 @@
+"""Shared test set-up: Triton in interpreter mode without a GPU, markers, model fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton kernels run through numpy on CPU. Must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# vLLM CPU sizes its KV cache from memory it can see; keep it small on 24 GiB machines.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from blend.assets import SMOLLM2, model_path
+
+    return str(model_path(SMOLLM2.name))
