@@ -1,0 +1,234 @@
+"""Attention for selected tokens over a paged KV cache, with an exact causal mask by position.
+
+Queries sit at explicit, sorted, possibly non-contiguous positions. Key j of a
+request sits at position j (its logical index in the block table). A query at
+position p sees exactly the keys at positions <= p: never a bottom-right
+aligned mask, which is wrong as soon as the queries are not the last tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._paged import INTERPRET, LOG2E, gather_tokens, to_device
+
+
+def selected_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_pos: torch.Tensor,
+    cu_q: Sequence[int],
+    block_table: torch.Tensor,
+    seq_lens: Sequence[int],
+    scale: float,
+) -> torch.Tensor:
+    """`[Nq, Hq, D]` output; request b's queries are `q[cu_q[b]:cu_q[b+1]]` over its first `seq_lens[b]` keys.
+
+    SDPA with an explicit boolean mask, fp32 softmax; GQA by head grouping.
+    """
+    out = torch.empty_like(q)
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    for b in range(len(seq_lens)):
+        lo, hi = cu_q[b], cu_q[b + 1]
+        if hi == lo:
+            continue
+        n = seq_lens[b]
+        k = gather_tokens(k_cache, block_table[b], n)
+        v = gather_tokens(v_cache, block_table[b], n)
+        mask = q_pos[lo:hi, None].long() >= torch.arange(n, device=q.device)[None, :]
+        qb = q[lo:hi].transpose(0, 1).float()  # [Hq, nq, D]
+        kb = k.transpose(0, 1).float().repeat_interleave(hq // hkv, dim=0)
+        vb = v.transpose(0, 1).float().repeat_interleave(hq // hkv, dim=0)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[lo:hi] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------
+# One program owns TOK query tokens of one request and ALL the G query heads
+# that share one KV head: its M rows are (token, head) pairs, so every K/V tile
+# it loads serves G heads (GQA packing). Keys below the tile's smallest query
+# position need no mask; only the keys between the smallest and the largest
+# position pay for it. Tiles are found from `cu_q` alone: request b's tiles
+# start at program `cu_q[b] // TOK + b`, so the grid size is known on the host
+# without reading any device value.
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
+            qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
+            MASK: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+            HEAD_DIM: tl.constexpr, ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax pass over keys [lo, hi); MASK applies the causal mask by position."""
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    for start in tl.range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < kv_end
+        if ONE_BLOCK:
+            koff = j.to(tl.int64) * s_ko
+            voff = j.to(tl.int64) * s_vo
+        else:
+            blk = tl.load(bt_row + (j // block_size) * s_btn, mask=j_ok, other=0).to(tl.int64)
+            o = (j % block_size).to(tl.int64)
+            koff = blk * s_kb + o * s_ko
+            voff = blk * s_vb + o * s_vo
+        kt = tl.load(kbase + koff[None, :] + d[:, None] * s_kd,
+                     mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong)
+            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        qk = qk * qk_scale
+        if MASK:  # the diagonal band: key position <= query position, and inside the request
+            qk = tl.where((j[None, :] <= qpos[:, None]) & j_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vbase + voff[:, None] + d[None, :] * s_vd,
+                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _selected_attention_kernel(
+    Q, K, V, Out, QPOS, CU_Q, BT, SEQ_LENS,
+    qk_scale,  # softmax scale * log2(e)
+    num_reqs, block_size,
+    s_qt, s_qh, s_qd,
+    s_kb, s_ko, s_kh, s_kd,
+    s_vb, s_vo, s_vh, s_vd,
+    s_ot, s_oh, s_od,
+    s_btb, s_btn,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    n_tiles = tl.num_programs(0)
+    pid = n_tiles - 1 - tl.program_id(0)  # later (longer) tiles start first
+    kvh = tl.program_id(1)
+
+    # Request of this tile: the last b with cu_q[b] // TOK + b <= pid.
+    lo = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(CU_Q + mid).to(tl.int32) // TOK + mid
+        if first <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    b = lo - 1
+    q_start = tl.load(CU_Q + b).to(tl.int32)
+    q_end = tl.load(CU_Q + b + 1).to(tl.int32)
+    t0 = q_start + (pid - (q_start // TOK + b)) * TOK
+    if t0 >= q_end:
+        return
+    t_last = tl.minimum(t0 + TOK, q_end) - 1
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    min_pos = tl.load(QPOS + t0).to(tl.int32)
+    max_pos = tl.load(QPOS + t_last).to(tl.int32)
+    kv_end = tl.minimum(max_pos + 1, seq_len)  # keys any row of the tile may see
+    full_end = (tl.minimum(min_pos + 1, seq_len) // BLOCK_N) * BLOCK_N  # seen by every row
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = t0 + rows // G
+    head = kvh * G + rows % G
+    row_ok = (rows < TOK * G) & (tok < q_end)
+    qpos = tl.load(QPOS + tok, mask=row_ok, other=-1).to(tl.int32)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + tok[:, None] * s_qt + head[:, None] * s_qh + d[None, :] * s_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    bt_row = BT + b * s_btb
+    if ONE_BLOCK:
+        kbase = K + tl.load(bt_row).to(tl.int64) * s_kb + kvh * s_kh
+        vbase = V + tl.load(bt_row).to(tl.int64) * s_vb + kvh * s_vh
+    else:
+        kbase = K + kvh * s_kh
+        vbase = V + kvh * s_vh
+    m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, 0, full_end, kv_end,
+                            qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
+                            False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, IEEE)
+    m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, full_end, kv_end,
+                            kv_end, qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
+                            s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, IEEE)
+
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(Out + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
+             acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _config(head_dim: int, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); measured on the H100 (bench/kernels.py)."""
+    if INTERPRET:
+        return 16, 16, 1, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_pos: torch.Tensor,
+    cu_q: Sequence[int] | torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: Sequence[int] | torch.Tensor,
+    scale: float,
+    config: tuple[int, int, int, int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of `selected_attention_ref` (same arguments, same result).
+
+    `cu_q` / `seq_lens` may be host sequences or device int tensors; host ones
+    travel through pinned memory without a device sync. `config` overrides the
+    tile shape (benchmarks only); `out` (shaped like `q`) receives the result.
+    """
+    nq, hq, dim = q.shape
+    hkv = k_cache.shape[2]
+    out = torch.empty_like(q) if out is None else out
+    nreq = len(cu_q) - 1
+    if nq == 0 or nreq == 0:
+        return out
+    group = hq // hkv
+    bm, bn, warps, stages = config or _config(dim, group)
+    tok = max(1, bm // group)
+    bm = triton.next_power_of_2(tok * group)
+    dev = q.device
+    cu_q_t = to_device(cu_q, dev)
+    seq_t = to_device(seq_lens, dev)
+    grid = (nq // tok + nreq, hkv)
+    _selected_attention_kernel[grid](
+        q, k_cache, v_cache, out, q_pos, cu_q_t, block_table, seq_t,
+        scale * LOG2E, nreq, k_cache.shape[1],
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *block_table.stride(),
+        G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim),
+        ONE_BLOCK=block_table.shape[1] == 1,
+        IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
+        num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,193 @@
+"""Per-token KV deviation and HKVD top-k selection.
+
+Deviation compares the fresh K/V a check layer just computed with the cached
+K/V already in the paged cache; the tokens that deviate most are the ones whose
+cached KV would hurt quality, so they are recomputed (CacheBlend's HKVD set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._paged import INTERPRET, split_slots, to_device
+
+METRICS = ("v_l2", "k_l2", "k_l1", "kv_l2")
+
+
+def token_deviation_ref(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    metric: str = "v_l2",
+) -> torch.Tensor:
+    """Deviation `[N]` (fp32) of fresh `[N, H, D]` K/V from the cached K/V at `slots`.
+
+    v_l2 / k_l2: squared L2 norm of the difference (over heads and dims);
+    k_l1: L1 norm of the K difference; kv_l2: v_l2 + k_l2.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"deviation metric {metric!r} not in {METRICS}")
+    blk, off = split_slots(slots, k_cache.shape[1])
+    n = k_new.shape[0]
+    out = torch.zeros(n, dtype=torch.float32, device=k_new.device)
+    if metric in ("k_l2", "kv_l2", "k_l1"):
+        dk = k_new.float() - k_cache[blk, off].float()
+        out += dk.abs().flatten(1).sum(-1) if metric == "k_l1" else dk.square().flatten(1).sum(-1)
+    if metric in ("v_l2", "kv_l2"):
+        dv = v_new.float() - v_cache[blk, off].float()
+        out += dv.square().flatten(1).sum(-1)
+    return out
+
+
+# One program reduces BLOCK_T tokens over all (head, dim) elements at once, in
+# fp32; only the tensors the metric needs are read (v_l2 reads V alone).
+@triton.jit
+def _deviation_kernel(
+    OUT, KN, VN, K, V, SLOTS, n, block_size,
+    s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd,
+    s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_K: tl.constexpr, USE_V: tl.constexpr, K_L1: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < n
+    slot = tl.load(SLOTS + t, mask=t_ok, other=0).to(tl.int64)
+    blk = slot // block_size
+    off = slot % block_size
+    e = tl.arange(0, HD_PAD)
+    h = e // HEAD_DIM
+    d = e % HEAD_DIM
+    m = t_ok[:, None] & (e < H * HEAD_DIM)[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if USE_K:
+        kn = tl.load(KN + t64 * s_knt + h[None, :] * s_knh + d[None, :] * s_knd, mask=m, other=0.0)
+        kc = tl.load(K + (blk * s_kb + off * s_ko)[:, None] + h[None, :] * s_kh + d[None, :] * s_kd,
+                     mask=m, other=0.0)
+        dk = kn.to(tl.float32) - kc.to(tl.float32)
+        if K_L1:
+            acc += tl.sum(tl.abs(dk), 1)
+        else:
+            acc += tl.sum(dk * dk, 1)
+    if USE_V:
+        vn = tl.load(VN + t64 * s_vnt + h[None, :] * s_vnh + d[None, :] * s_vnd, mask=m, other=0.0)
+        vc = tl.load(V + (blk * s_vb + off * s_vo)[:, None] + h[None, :] * s_vh + d[None, :] * s_vd,
+                     mask=m, other=0.0)
+        dv = vn.to(tl.float32) - vc.to(tl.float32)
+        acc += tl.sum(dv * dv, 1)
+    tl.store(OUT + t, acc, mask=t_ok)
+
+
+def token_deviation(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    metric: str = "v_l2",
+) -> torch.Tensor:
+    """Triton version of `token_deviation_ref`: deviation `[N]` fp32, no sync."""
+    if metric not in METRICS:
+        raise ValueError(f"deviation metric {metric!r} not in {METRICS}")
+    n = slots.numel()
+    out = torch.empty(n, dtype=torch.float32, device=k_new.device)
+    if n == 0:
+        return out
+    _, _, h, dim = k_cache.shape
+    hd_pad = triton.next_power_of_2(h * dim)
+    block_t = 4 if INTERPRET else max(1, min(64, 4096 // hd_pad))
+    _deviation_kernel[(triton.cdiv(n, block_t),)](
+        out, k_new, v_new, k_cache, v_cache, slots, n, k_cache.shape[1],
+        *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        H=h, HEAD_DIM=dim, HD_PAD=hd_pad, BLOCK_T=block_t,
+        USE_K=metric != "v_l2", USE_V=metric in ("v_l2", "kv_l2"), K_L1=metric == "k_l1",
+        num_warps=4 if hd_pad <= 2048 else 8,
+    )
+    return out
+
+
+def hkvd_select(
+    dev: torch.Tensor,
+    forced: torch.Tensor,
+    cu_tokens: Sequence[int],
+    num_take: Sequence[int],
+) -> torch.Tensor:
+    """Indices (ascending, int64) of the tokens to keep computing, per request.
+
+    Request b owns tokens `cu_tokens[b]:cu_tokens[b+1]` and keeps `num_take[b]`
+    of them (clamped to its length): `forced` tokens rank first (the caller
+    counts them into `num_take` from host metadata), then the highest deviation;
+    ties go to the lower index. Sizes come from the host, so there is no sync.
+    """
+    device = dev.device
+    nreq = len(num_take)
+    lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]
+    if nreq == 0 or sum(lens) == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    width = max(lens)
+    take = [min(lens[b], max(0, num_take[b])) for b in range(nreq)]
+    total = dev.shape[0]
+    # Small host-built index tensors go through pinned memory (to_device): no sync.
+    lens_t = to_device(lens, device)
+    starts = to_device(list(cu_tokens[:-1]), device)
+    take_t = to_device(take, device)
+    take_start = to_device([0, *_cumsum(take)[:-1]], device)
+    # Forced tokens rank above everything; padding ranks below everything.
+    score = torch.full((nreq, width), float("-inf"), dtype=torch.float32, device=device)
+    owner = torch.repeat_interleave(torch.arange(nreq, device=device), lens_t,
+                                    output_size=total)
+    col = torch.arange(total, device=device) - starts[owner]
+    ranked = torch.where(forced, torch.full_like(dev, float("inf")), dev.float())
+    ranked = torch.nan_to_num(ranked, nan=float("-inf"), neginf=torch.finfo(torch.float32).min)
+    score[owner, col] = ranked
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    n_take = sum(take)
+    req = torch.repeat_interleave(torch.arange(nreq, device=device), take_t,
+                                  output_size=n_take)
+    j = torch.arange(n_take, device=device) - take_start[req]
+    picked = order[req, j] + starts[req]
+    return torch.sort(picked).values
+
+
+def _cumsum(xs: Sequence[int]) -> list[int]:
+    out, acc = [], 0
+    for x in xs:
+        acc += x
+        out.append(acc)
+    return out
+
+
+def hkvd_select_ref(
+    dev: torch.Tensor,
+    forced: torch.Tensor,
+    cu_tokens: Sequence[int],
+    num_take: Sequence[int],
+) -> torch.Tensor:
+    """The first `hkvd_select` (host-built index tensors, synchronous copies): the test oracle."""
+    device = dev.device
+    nreq = len(num_take)
+    lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]
+    if nreq == 0 or sum(lens) == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    width = max(lens)
+    # Forced tokens rank above everything; padding ranks below everything.
+    score = torch.full((nreq, width), float("-inf"), dtype=torch.float32, device=device)
+    owner = torch.repeat_interleave(torch.arange(nreq, device=device),
+                                    torch.tensor(lens, device=device))
+    starts = torch.tensor(cu_tokens[:-1], device=device)
+    col = torch.arange(dev.shape[0], device=device) - starts[owner]
+    ranked = torch.where(forced, torch.full_like(dev, float("inf")), dev.float())
+    ranked = torch.nan_to_num(ranked, nan=float("-inf"), neginf=torch.finfo(torch.float32).min)
+    score[owner, col] = ranked
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    take = [min(lens[b], max(0, num_take[b])) for b in range(nreq)]
+    flat = torch.tensor([b * width + j for b in range(nreq) for j in range(take[b])],
+                        dtype=torch.long, device=device)
+    picked = order.view(-1)[flat] + torch.repeat_interleave(starts, torch.tensor(take, device=device))
+    return torch.sort(picked).values
