@@ -1,0 +1,191 @@
+"""The blend: turn loaded chunk KV into near-full-prefill KV by recomputing the HKVD tokens.
+
+One pass over the model's layers for a batch of sequences, on a paged cache
+that already holds each chunk's re-rotated standalone KV:
+
+* layers before the first check layer: every context token is recomputed and
+  its fresh K/V written (for the default check layer 1 this is layer 0, whose
+  KV is context-free, so it equals the cached KV after the RoPE fix);
+* a check layer: fresh K/V of the still-active tokens are compared with the
+  cached K/V; forced tokens plus the top-`ratio` deviating ones stay active
+  (several check layers filter gradually);
+* every layer: the active tokens' fresh K/V overwrite the cached K/V, then
+  their attention runs over the fused cache with an exact causal mask by
+  position.
+
+With ratio 1 every token stays active: that is full prefill. With ratio 0
+nothing past the pre-check layers is recomputed: full reuse with the RoPE fix.
+The same loop without check layers is plain prefill (chunk KV, the question).
+Sizes come from host metadata, so the pass never syncs the device per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from blend.attention import BlendOps, get_ops
+from blend.config import BlendConfig, num_recompute
+from blend.kv import slots_for
+from blend.models.base import ModelAdapter
+
+
+@dataclass
+class BlendSeq:
+    """One sequence's work: tokens `start..start+len(token_ids)-1`, keys `0..end-1` in the cache."""
+
+    token_ids: torch.Tensor  # [n] ids of the tokens computed here
+    start: int  # position of token_ids[0]; earlier positions are final in the cache
+    block_table: torch.Tensor  # int32 row (host) covering positions 0..end-1
+    forced: torch.Tensor | None = None  # [n] bool (CPU): always recompute; None = nothing forced
+
+    @property
+    def end(self) -> int:
+        return self.start + int(self.token_ids.numel())
+
+
+@dataclass
+class BlendTrace:
+    """What a notebook needs to see a blend: deviations, selection and timings."""
+
+    deviation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    selected: list[torch.Tensor] = field(default_factory=list)  # per sequence, positions
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def deviation_dense(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Deviation at `layer` for positions `start..end-1` (NaN where not measured)."""
+        pos, dev = self.deviation[layer]
+        out = torch.full((end - start,), float("nan"))
+        keep = (pos >= start) & (pos < end)
+        out[pos[keep] - start] = dev[keep]
+        return out
+
+
+@dataclass
+class RunOutput:
+    selected: list[torch.Tensor]  # per sequence, positions still active after the last check
+    logits: torch.Tensor | None  # [N, vocab] for all tokens when asked (plain prefill only)
+
+
+class Blender:
+    """Runs blends and plain prefills of token batches through a `ModelAdapter`."""
+
+    def __init__(self, adapter: ModelAdapter, config: BlendConfig | None = None,
+                 ops: BlendOps | None = None):
+        self.adapter = adapter
+        self.config = config or BlendConfig()
+        self.config.check_model(adapter.num_layers)
+        self.ops = ops or get_ops(self.config.attention_backend, adapter.device)
+        self._cos_sin: torch.Tensor | None = None
+
+    def with_config(self, config: BlendConfig) -> Blender:
+        """Same model and ops, other knobs (cheap: shares the RoPE table)."""
+        other = Blender(self.adapter, config, self.ops)
+        other._cos_sin = self._cos_sin
+        return other
+
+    def delta_table(self, max_delta: int) -> torch.Tensor:
+        """Pure cos/sin rotation table for re-rotating chunks by up to `max_delta` positions."""
+        from blend.triton_kernels.rope import delta_cos_sin
+
+        if self._cos_sin is None or self._cos_sin.shape[0] <= max_delta:
+            size = max(max_delta + 1, 2 * (0 if self._cos_sin is None else self._cos_sin.shape[0]),
+                       4096)
+            self._cos_sin = delta_cos_sin(self.adapter.rope.inv_freq.to(self.adapter.device),
+                                          size - 1)
+        return self._cos_sin
+
+    @torch.inference_mode()
+    def run(
+        self,
+        seqs: Sequence[BlendSeq],
+        kv,
+        *,
+        blend: bool,
+        want_logits: bool = False,
+        trace: BlendTrace | None = None,
+        layer_hook: Callable[[int], None] | None = None,
+    ) -> RunOutput:
+        """Blend (`blend=True`) or plainly prefill the tokens of `seqs` into the paged cache `kv`.
+
+        `kv.layer(l)` gives the layer's K/V caches and `kv.block_size` their block size.
+        `layer_hook(l)` runs before layer `l` reads the cache (e.g. waits for its load).
+        """
+        if want_logits and blend:
+            raise ValueError("logits are only produced by plain prefill (blend=False)")
+        a, ops, cfg = self.adapter, self.ops, self.config
+        dev = a.device
+        t0 = time.perf_counter()
+        lens = [int(s.token_ids.numel()) for s in seqs]
+        cu = _cumsum(lens)
+        ids = torch.cat([s.token_ids.to(dev) for s in seqs])
+        pos = torch.cat([torch.arange(s.start, s.end, device=dev) for s in seqs])
+        slots = torch.cat([slots_for(s.block_table.to(dev), torch.arange(s.start, s.end, device=dev),
+                                     kv.block_size) for s in seqs])
+        block_table = _stack_rows([s.block_table for s in seqs], dev)
+        seq_lens = [s.end for s in seqs]
+
+        checks = dict(zip(cfg.check_layers, cfg.ratios())) if blend else {}
+        forced_host = [s.forced if (blend and s.forced is not None) else torch.zeros(n, dtype=torch.bool)
+                       for s, n in zip(seqs, lens)]
+        n_forced = [int(f.sum()) for f in forced_host]
+        n_cached = [n - f for n, f in zip(lens, n_forced)]
+        forced = torch.cat(forced_host).to(dev, non_blocking=True) if seqs else None
+
+        h = a.embed(ids)
+        act_pos, act_slots, act_forced, act_cu = pos, slots, forced, cu
+        q_pos = act_pos.to(torch.int32)
+        last = a.num_layers - 1
+        logits = None
+        hooked = -1
+        for layer in range(a.num_layers):
+            if layer_hook is not None:
+                layer_hook(layer)
+                hooked = layer
+            k_cache, v_cache = kv.layer(layer)
+            q, k, v = a.qkv(layer, h, act_pos)
+            if layer in checks:
+                d = ops.deviation(k, v, k_cache, v_cache, act_slots, cfg.deviation)
+                take = [nf + num_recompute(checks[layer], nc) for nf, nc in zip(n_forced, n_cached)]
+                keep = ops.select(d, act_forced, act_cu, take)
+                if trace is not None:
+                    trace.deviation[layer] = (act_pos.cpu(), d.float().cpu())
+                act_cu = _cumsum([min(t, act_cu[b + 1] - act_cu[b]) for b, t in enumerate(take)])
+                h, q, k, v = h[keep], q[keep], k[keep], v[keep]
+                act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
+                q_pos = act_pos.to(torch.int32)
+                if act_cu[-1] == 0:
+                    break  # nothing left to recompute: every later layer keeps its cached KV
+            ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
+            if layer == last and not want_logits:
+                break  # the last layer's output feeds nothing: its K/V are all we need
+            o = ops.attention(q, k_cache, v_cache, q_pos, act_cu, block_table, seq_lens, a.scale)
+            h = a.finish_layer(layer, h, o)
+        if layer_hook is not None:  # an early stop still owes the later layers their load
+            for layer in range(hooked + 1, a.num_layers):
+                layer_hook(layer)
+        if want_logits:
+            logits = a.logits(h)
+        selected = [act_pos[act_cu[b]:act_cu[b + 1]] for b in range(len(seqs))]
+        if trace is not None:
+            trace.selected = [s.cpu() for s in selected]
+            trace.timings_ms["blend" if blend else "prefill"] = (time.perf_counter() - t0) * 1e3
+        return RunOutput(selected=selected, logits=logits)
+
+
+def _cumsum(xs: Sequence[int]) -> list[int]:
+    out = [0]
+    for x in xs:
+        out.append(out[-1] + x)
+    return out
+
+
+def _stack_rows(rows: Sequence[torch.Tensor], device) -> torch.Tensor:
+    width = max((int(r.numel()) for r in rows), default=0)
+    table = torch.zeros((len(rows), max(width, 1)), dtype=torch.int32)
+    for i, r in enumerate(rows):
+        table[i, : r.numel()] = r.cpu().to(torch.int32)
+    return table.to(device, non_blocking=True)
