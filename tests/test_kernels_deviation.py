@@ -8,6 +8,7 @@ import torch
 from blend.triton_kernels._testing import paged_cache, slots_of, sorted_positions
 from blend.triton_kernels.deviation import (
     METRICS,
+    _hkvd_select_torch,
     hkvd_select,
     hkvd_select_ref,
     token_deviation,
@@ -57,6 +58,8 @@ def _select_case(lens, takes, seed, ties=False):
     if ties:
         dev = (dev * 3).round()  # many equal values: lower index must win
         dev[::7] = float("nan")
+        dev[3::11] = float("inf")
+        dev[5::13] = float("-inf")
     forced = torch.rand(total, generator=gen) < 0.1
     cu = [0]
     for n in lens:
@@ -65,6 +68,7 @@ def _select_case(lens, takes, seed, ties=False):
     ref = hkvd_select_ref(dev, forced, cu, takes)
     got = hkvd_select(dev, forced, cu, takes)
     assert torch.equal(got.cpu(), ref.cpu())
+    assert torch.equal(_hkvd_select_torch(dev, forced, cu, takes).cpu(), ref.cpu())
     return got
 
 

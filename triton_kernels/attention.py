@@ -66,7 +66,8 @@ def selected_attention_ref(
 def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
             qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
             MASK: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-            HEAD_DIM: tl.constexpr, ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
+            HEAD_DIM: tl.constexpr, ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr,
+            IEEE: tl.constexpr):
     """Online-softmax pass over keys [lo, hi); MASK applies the causal mask by position."""
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
@@ -77,8 +78,13 @@ def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
             koff = j.to(tl.int64) * s_ko
             voff = j.to(tl.int64) * s_vo
         else:
-            blk = tl.load(bt_row + (j // block_size) * s_btn, mask=j_ok, other=0).to(tl.int64)
-            o = (j % block_size).to(tl.int64)
+            if PAGE > 0:  # power-of-two page: shifts and masks instead of divisions
+                pg = j // PAGE
+                o = (j % PAGE).to(tl.int64)
+            else:
+                pg = j // block_size
+                o = (j % block_size).to(tl.int64)
+            blk = tl.load(bt_row + pg * s_btn, mask=j_ok, other=0).to(tl.int64)
             koff = blk * s_kb + o * s_ko
             voff = blk * s_vb + o * s_vo
         kt = tl.load(kbase + koff[None, :] + d[:, None] * s_kd,
@@ -116,13 +122,15 @@ def _selected_attention_kernel(
     s_vb, s_vo, s_vh, s_vd,
     s_ot, s_oh, s_od,
     s_btb, s_btn,
-    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    IEEE: tl.constexpr,
+    NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    n_tiles = tl.num_programs(0)
-    pid = n_tiles - 1 - tl.program_id(0)  # later (longer) tiles start first
-    kvh = tl.program_id(1)
+    # Flat grid, heaviest tiles first across all KV heads: the hardware hands out
+    # programs in order, which makes this a longest-job-first schedule.
+    flat = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid = flat // NUM_KV
+    kvh = flat % NUM_KV
 
     # Request of this tile: the last b with cu_q[b] // TOK + b <= pid.
     lo = 0
@@ -169,10 +177,10 @@ def _selected_attention_kernel(
         vbase = V + kvh * s_vh
     m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, 0, full_end, kv_end,
                             qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
-                            False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, IEEE)
+                            False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
     m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, full_end, kv_end,
                             kv_end, qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
-                            s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, IEEE)
+                            s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
@@ -219,15 +227,16 @@ def selected_attention(
     dev = q.device
     cu_q_t = to_device(cu_q, dev)
     seq_t = to_device(seq_lens, dev)
-    grid = (nq // tok + nreq, hkv)
+    grid = ((nq // tok + nreq) * hkv,)
+    bs = k_cache.shape[1]
     _selected_attention_kernel[grid](
         q, k_cache, v_cache, out, q_pos, cu_q_t, block_table, seq_t,
         scale * LOG2E, nreq, k_cache.shape[1],
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(),
-        G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
+        NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim),
-        ONE_BLOCK=block_table.shape[1] == 1,
+        ONE_BLOCK=block_table.shape[1] == 1, PAGE=bs if bs & (bs - 1) == 0 and bs <= 4096 else 0,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
         num_warps=warps, num_stages=stages,
     )

@@ -124,7 +124,72 @@ def hkvd_select(
     of them (clamped to its length): `forced` tokens rank first (the caller
     counts them into `num_take` from host metadata), then the highest deviation;
     ties go to the lower index. Sizes come from the host, so there is no sync.
+    On CUDA: one pinned metadata copy, two small kernels and two sorts.
     """
+    if dev.device.type != "cuda" and not INTERPRET:
+        return _hkvd_select_torch(dev, forced, cu_tokens, num_take)
+    device = dev.device
+    nreq = len(num_take)
+    lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]
+    if nreq == 0 or sum(lens) == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    width = max(lens)
+    take = [min(lens[b], max(0, num_take[b])) for b in range(nreq)]
+    n_take = sum(take)
+    if n_take == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    # starts | lens | take_start (nreq + 1): one pinned copy, no sync.
+    meta = to_device([*cu_tokens[:-1], *lens, 0, *_cumsum(take)], device)
+    score = torch.empty((nreq, width), dtype=torch.float32, device=device)
+    blk = 256 if not INTERPRET else 64
+    _hkvd_score_kernel[(nreq, triton.cdiv(width, blk))](
+        score, dev, forced, meta, nreq, width, BLOCK=blk)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    picked = torch.empty(n_take, dtype=torch.long, device=device)
+    _hkvd_gather_kernel[(triton.cdiv(n_take, blk),)](
+        picked, order, meta, nreq, n_take, order.stride(0), BLOCK=blk)
+    return torch.sort(picked).values
+
+
+@triton.jit
+def _hkvd_score_kernel(SCORE, DEV, FORCED, META, nreq, width, BLOCK: tl.constexpr):
+    """Padded per-request score rows, ranked exactly as the reference ranks them."""
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.load(META + b)
+    n = tl.load(META + nreq + b)
+    ok = c < n
+    x = tl.load(DEV + start + c, mask=ok, other=0.0).to(tl.float32)
+    f = tl.load(FORCED + start + c, mask=ok, other=0) != 0
+    fmax: tl.constexpr = 3.4028234663852886e38
+    x = tl.where(x == float("inf"), fmax, x)  # nan_to_num: +inf -> max, -inf -> min, nan -> -inf
+    x = tl.where(x == float("-inf"), -fmax, x)
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(f, fmax, x)  # forced: +inf in the reference, then max by nan_to_num
+    x = tl.where(ok, x, float("-inf"))
+    tl.store(SCORE + b.to(tl.int64) * width + c, x, mask=c < width)
+
+
+@triton.jit
+def _hkvd_gather_kernel(OUT, ORDER, META, nreq, n_take, s_order, BLOCK: tl.constexpr):
+    """Output i -> (request, rank) -> token index: the top `take[b]` of each sorted row."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_take
+    req = tl.zeros([BLOCK], dtype=tl.int32)
+    for b in range(1, nreq):
+        req += (i >= tl.load(META + 2 * nreq + b)).to(tl.int32)
+    rank = i - tl.load(META + 2 * nreq + req, mask=ok, other=0)
+    col = tl.load(ORDER + req.to(tl.int64) * s_order + rank, mask=ok, other=0)
+    tl.store(OUT + i, col + tl.load(META + req, mask=ok, other=0), mask=ok)
+
+
+def _hkvd_select_torch(
+    dev: torch.Tensor,
+    forced: torch.Tensor,
+    cu_tokens: Sequence[int],
+    num_take: Sequence[int],
+) -> torch.Tensor:
+    """Pure-torch `hkvd_select` (CPU path): same result, no device sync on CUDA either."""
     device = dev.device
     nreq = len(num_take)
     lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]

@@ -83,19 +83,21 @@ def _rerotate_k_kernel(
     cs = CS + dl[:, None] * s_cs0 + i[None, :]
     cos = tl.load(cs, mask=m, other=1.0)
     sin = tl.load(cs + s_cs1, mask=m, other=0.0)
-    if IS_NEOX:
-        d1 = i
-        d2 = i + HALF
-    else:  # GPT-J: interleaved pairs
-        d1 = 2 * i
-        d2 = 2 * i + 1
     base = K + row[:, None] + (h * s_kh)[None, :]
-    p1 = base + (d1 * s_kd)[None, :]
-    p2 = base + (d2 * s_kd)[None, :]
-    x1 = tl.load(p1, mask=m).to(tl.float32)
-    x2 = tl.load(p2, mask=m).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(K.dtype.element_ty), mask=m)
-    tl.store(p2, (x2 * cos + x1 * sin).to(K.dtype.element_ty), mask=m)
+    if IS_NEOX:
+        p1 = base + (i * s_kd)[None, :]
+        p2 = base + ((i + HALF) * s_kd)[None, :]
+        x1 = tl.load(p1, mask=m).to(tl.float32)
+        x2 = tl.load(p2, mask=m).to(tl.float32)
+        tl.store(p1, (x1 * cos - x2 * sin).to(K.dtype.element_ty), mask=m)
+        tl.store(p2, (x2 * cos + x1 * sin).to(K.dtype.element_ty), mask=m)
+    else:  # GPT-J: interleaved pairs, loaded as one contiguous [.., pair, 2] block and split
+        two = tl.arange(0, 2)
+        p = base[:, :, None] + ((2 * i)[None, :, None] + two[None, None, :]) * s_kd
+        m3 = m[:, :, None] & (two < 2)[None, None, :]
+        x1, x2 = tl.split(tl.load(p, mask=m3).to(tl.float32))
+        out = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+        tl.store(p, out.to(K.dtype.element_ty), mask=m3)
 
 
 def rerotate_k(
