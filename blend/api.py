@@ -1,0 +1,221 @@
+"""The user-facing helpers of DESIGN.md §1: `kv_transfer_config`, `build_prompt`, `precompute`.
+
+A prompt built by `build_prompt` is a `BlendPrompt`: a vLLM `TokensPrompt`
+dict that also knows its chunk spans. vLLM 0.32 has no prompt field for
+per-request connector data; the one channel that reaches the connector's
+scheduler side is `SamplingParams.extra_args["kv_transfer_params"]` (it
+becomes `Request.kv_transfer_params`). The `prompt spans` patch moves a
+BlendPrompt's spans into a copy of its SamplingParams inside
+`LLM.generate`, so `llm.generate(prompt, SamplingParams(...))` just works.
+Without the patch, pass `prompt.sampling_params(sp)` yourself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from blend.segments import ON_MISS, Span, make_params, validate_spans
+
+CONNECTOR = "BlendConnector"
+CONNECTOR_MODULE = "blend.connector"
+
+# kv_connector_extra_config keys the connector understands (besides the store's own).
+EXTRA_KEYS = {
+    "store": "chunk KV store spec: 'local', 'local:PATH', 'ucm:PATH' or a dict",
+    "cache_fuse_metadata": "blend knobs (recomp_ratio, check_layers, ...)",
+    "on_miss": f"what a chunk missing from the store does: one of {ON_MISS}",
+    "separator": "text that splits plain-text prompts into prefix | chunks... | question",
+    "min_chunk_tokens": "chunks shorter than this are recomputed, not cached (int >= 1)",
+    "trace_dir": "directory for per-request blend traces (JSON), or None",
+}
+
+
+def check_extra_config(extra: dict[str, Any]) -> dict[str, Any]:
+    """Validate `kv_connector_extra_config`; raise ValueError naming the key and what is allowed."""
+    from blend.config import BlendConfig
+    from blend.store.spec import parse as parse_store
+
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        allowed = ", ".join(f"{k} ({v})" for k, v in EXTRA_KEYS.items())
+        raise ValueError(f"kv_connector_extra_config: unknown key(s) {unknown}; allowed: {allowed}")
+    out = dict(extra)
+    parse_store(out.get("store"))
+    BlendConfig.from_dict(out.get("cache_fuse_metadata"))
+    on_miss = out.setdefault("on_miss", "compute")
+    if on_miss not in ON_MISS:
+        raise ValueError(f"on_miss: {on_miss!r} not allowed; allowed: {list(ON_MISS)}")
+    sep = out.get("separator")
+    if sep is not None and (not isinstance(sep, str) or not sep):
+        raise ValueError(f"separator: expected a non-empty string, got {sep!r}")
+    mct = out.setdefault("min_chunk_tokens", 1)
+    if isinstance(mct, bool) or not isinstance(mct, int) or mct < 1:
+        raise ValueError(f"min_chunk_tokens: {mct!r} must be an int >= 1")
+    td = out.get("trace_dir")
+    if td is not None and not isinstance(td, (str, os.PathLike)):
+        raise ValueError(f"trace_dir: expected a directory path or None, got {td!r}")
+    return out
+
+
+def kv_transfer_config(
+    store: str | dict | None = "local",
+    cache_fuse_metadata: dict[str, Any] | None = None,
+    **extra: Any,
+):
+    """A `vllm.config.KVTransferConfig` that turns on CacheBlend (validated now, not at startup)."""
+    from vllm.config import KVTransferConfig
+
+    cfg = {"store": store, "cache_fuse_metadata": dict(cache_fuse_metadata or {}), **extra}
+    cfg = check_extra_config(cfg)
+    return KVTransferConfig(
+        kv_connector=CONNECTOR,
+        kv_connector_module_path=CONNECTOR_MODULE,
+        kv_role="kv_both",
+        kv_connector_extra_config=cfg,
+    )
+
+
+class BlendPrompt(dict):
+    """A vLLM `TokensPrompt` (`{"prompt_token_ids": [...]}`) plus its chunk spans.
+
+    `spans` are `[start, end)` token ranges of the chunks; everything before
+    the first chunk is the prefix, everything after the last is the question.
+    """
+
+    def __init__(self, token_ids: Sequence[int], spans: Sequence[Span], text: str | None = None,
+                 on_miss: str | None = None) -> None:
+        ids = [int(t) for t in token_ids]
+        super().__init__(prompt_token_ids=ids)
+        self.spans = validate_spans([list(s) for s in spans], len(ids))
+        self.text = text
+        self.on_miss = on_miss
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self["prompt_token_ids"]
+
+    def tokens_prompt(self) -> dict:
+        """The plain `TokensPrompt` vLLM renders (a fresh dict, no extra keys)."""
+        return {"prompt_token_ids": list(self["prompt_token_ids"])}
+
+    def kv_transfer_params(self) -> dict:
+        return make_params(self.spans, self.on_miss)
+
+    def attach(self, sampling_params):
+        """A copy of `sampling_params` carrying this prompt's spans to the connector."""
+        sp = sampling_params.clone()
+        extra = dict(sp.extra_args or {})
+        ktp = dict(extra.get("kv_transfer_params") or {})
+        ktp.update(self.kv_transfer_params())
+        extra["kv_transfer_params"] = ktp
+        sp.extra_args = extra
+        return sp
+
+    def sampling_params(self, sampling_params=None):
+        """`attach` for callers without the prompt-spans patch (e.g. AsyncLLM, raw engine)."""
+        if sampling_params is None:
+            from vllm import SamplingParams
+
+            sampling_params = SamplingParams()
+        return self.attach(sampling_params)
+
+    def __repr__(self) -> str:
+        return f"BlendPrompt({len(self['prompt_token_ids'])} tokens, spans={self.spans})"
+
+
+def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _chat_frame(tokenizer: Any, system: str) -> tuple[str, str] | None:
+    """The chat template's text before and after the user's content, or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\x00BLEND-CONTENT\x00"
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": mark}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if text.count(mark) != 1:
+        return None
+    head, tail = text.split(mark)
+    return head, tail
+
+
+def build_prompt(
+    tokenizer: Any,
+    system: str,
+    chunks: Sequence[str],
+    question: str,
+    *,
+    separator: str = "\n\n",
+    chat: bool | None = None,
+    on_miss: str | None = None,
+) -> BlendPrompt:
+    """Prompt `system | chunk_1 | ... | chunk_k | question` with exact chunk spans.
+
+    Each chunk is tokenized on its own, so its token ids (and its cache key)
+    are the same wherever it appears. With a chat template (`chat=None`
+    uses one when the tokenizer has it) the chunks and question form the
+    user turn. `separator` text sits between pieces and is recomputed.
+    """
+    if not isinstance(chunks, (list, tuple)) or not chunks:
+        raise ValueError("chunks: expected a non-empty list of strings")
+    for i, c in enumerate(chunks):
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"chunks[{i}]: expected non-empty text, got {c!r}")
+    if not isinstance(question, str):
+        raise ValueError("question: expected a string")
+    if on_miss is not None and on_miss not in ON_MISS:
+        raise ValueError(f"on_miss: {on_miss!r} not allowed; allowed: {list(ON_MISS)}")
+    frame = _chat_frame(tokenizer, system) if chat in (None, True) else None
+    if chat is True and frame is None:
+        raise ValueError("chat=True but the tokenizer has no usable chat template")
+    if frame is not None:
+        head, tail = frame
+        ids = _encode(tokenizer, head)
+    else:
+        tail = ""
+        ids = _encode(tokenizer, system, special=True) if system else _encode(tokenizer, "", True)
+    sep = _encode(tokenizer, separator) if separator else []
+    spans: list[Span] = []
+    for i, c in enumerate(chunks):
+        if i > 0 or (frame is None and system):
+            ids += sep
+        cids = _encode(tokenizer, c)
+        spans.append((len(ids), len(ids) + len(cids)))
+        ids += cids
+    ids += _encode(tokenizer, separator + question + tail)
+    text = tokenizer.decode(ids)
+    return BlendPrompt(ids, spans, text=text, on_miss=on_miss)
+
+
+def chunk_prompt(tokenizer: Any, chunk: str) -> BlendPrompt:
+    """A request that only computes (and stores) one chunk's standalone KV.
+
+    The chunk starts at position 0, tokenized as `build_prompt` does, and one
+    trailing token follows it: the connector never provides the prompt's last
+    token, and the chunk itself must be provided whole to be stored whole.
+    """
+    cids = _encode(tokenizer, chunk)
+    if not cids:
+        raise ValueError(f"chunk {chunk!r} has no tokens")
+    tail = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cids[-1]
+    return BlendPrompt(cids + [int(tail)], [(0, len(cids))], on_miss="compute")
+
+
+def precompute(llm: Any, chunks: Sequence[str]) -> dict[str, int]:
+    """Compute and store every chunk's standalone KV through the engine.
+
+    Sends one chunk-only request per chunk (one output token); the connector
+    computes the chunks that miss and stores them. Returns counts.
+    """
+    from vllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    prompts = [chunk_prompt(tok, c) for c in chunks]
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate([p.tokens_prompt() for p in prompts], [p.attach(sp) for p in prompts],
+                 use_tqdm=False)
+    return {"chunks": len(prompts), "tokens": sum(p.spans[0][1] for p in prompts)}

@@ -1,0 +1,48 @@
+"""What the scheduler-side connector tells the workers each step.
+
+Plain dataclasses of ints and strings: vLLM pickles the metadata into every
+worker process with the scheduler output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class ChunkRef:
+    """One chunk of a blended request: prompt tokens `[start, end)` stored under `key`."""
+
+    start: int
+    end: int
+    key: str
+    hit: bool  # the scheduler's lookup; the worker's load decides for real
+
+
+@dataclass
+class BlendRequest:
+    """A request whose context `[num_local, context_end)` the worker provides this step.
+
+    `num_local` tokens are already in vLLM's cache (its prefix cache). The
+    worker blends the rest of the context, up to `context_end`, into the
+    request's blocks; vLLM then computes the question itself.
+    """
+
+    req_id: str
+    token_ids: list[int]  # prompt tokens up to the last chunk's end (chunks may pass context_end)
+    chunks: list[ChunkRef]
+    num_local: int
+    context_end: int
+    block_ids: list[int]
+    on_miss: str = "compute"
+
+    @property
+    def num_blend(self) -> int:
+        return self.context_end - self.num_local
+
+
+@dataclass
+class BlendConnectorMetadata(KVConnectorMetadata):
+    requests: list[BlendRequest] = field(default_factory=list)

@@ -1,0 +1,68 @@
+"""Which vLLM internals we patch, per vLLM version.
+
+Every patch point names the module it lives in, so a patch is applied the
+moment that module is imported (see `hooks.py`) and never forces an import of
+a heavy vLLM module into a process that does not need it. A vLLM version
+that is not in `SUPPORTED` gets no patches at all and a message naming the
+supported versions: patching internals we have not read is how silent
+wrong-output bugs start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# major.minor of vLLM -> the release we checked the patch points against.
+SUPPORTED: dict[str, str] = {
+    "0.32": "0.32.0 (CPU build, run in CI)",
+    "0.33": "0.33 (GPU build, read from source)",
+}
+
+
+@dataclass(frozen=True)
+class PatchPoint:
+    """One place in vLLM we touch: `module.qualname` gets `kind` applied."""
+
+    name: str  # stable id, shown by `cacheblend verify`
+    module: str  # module whose import triggers the patch
+    target: str  # attribute path inside the module ("Class.method" or "Class")
+    kind: str  # "register" | "capture" | "prompt_spans"
+    optional: bool = False  # absent in some builds (e.g. the V2 runners); not an error
+
+
+_RUNNERS_V1 = (
+    PatchPoint("model capture", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", "capture"),
+    PatchPoint("model capture", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", "capture"),
+)
+_RUNNERS_V2 = (
+    PatchPoint("model capture", "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.load_model", "capture", optional=True),
+    PatchPoint("model capture", "vllm.v1.worker.cpu.model_runner", "CPUModelRunner.load_model", "capture", optional=True),
+)
+_COMMON = (
+    PatchPoint("connector registered", "vllm.distributed.kv_transfer.kv_connector.factory", "KVConnectorFactory", "register"),
+    *_RUNNERS_V1,
+    *_RUNNERS_V2,
+    PatchPoint("prompt spans", "vllm.entrypoints.common.offline", "OfflineInferenceMixin._add_completion_requests", "prompt_spans"),
+)
+
+TABLE: dict[str, tuple[PatchPoint, ...]] = {"0.32": _COMMON, "0.33": _COMMON}
+
+
+def version_key(version: str) -> str:
+    """'0.32.0+cpu' -> '0.32'."""
+    parts = version.split("+")[0].split(".")
+    return ".".join(parts[:2])
+
+
+def points_for(version: str) -> tuple[PatchPoint, ...] | None:
+    """Patch points for this vLLM version, or None when it is unsupported."""
+    return TABLE.get(version_key(version))
+
+
+def unsupported_message(version: str) -> str:
+    listed = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
+    return (
+        f"cacheblend does not support vLLM {version}: its patch points were checked "
+        f"against vLLM {listed} only. Install one of those versions, or set "
+        f"BLEND_DISABLE_PATCHES=1 to run vLLM without cacheblend."
+    )
