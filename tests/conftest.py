@@ -27,3 +27,29 @@ def smollm2_path() -> str:
     from blend.assets import SMOLLM2, model_path
 
     return str(model_path(SMOLLM2.name))
+
+
+@pytest.fixture(scope="session")
+def qwen05_path() -> str:
+    from blend.assets import QWEN25_05B, model_path
+
+    return str(model_path(QWEN25_05B.name))
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32(smollm2_path):
+    """(model, tokenizer) in fp32: exactness checks need fp32 round-off, not bf16's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def prose_chunks() -> list[str]:
+    """Real English prose: passages of Python's own language reference."""
+    from pydoc_data.topics import topics
+
+    names = ["assignment", "class", "exceptions", "for", "if", "import", "lambda", "while"]
+    return [" ".join(topics[n].split()[:60]) for n in names]
