@@ -158,3 +158,22 @@ def test_ucm_without_package_fails_clearly_at_startup(tmp_path):
 
     with pytest.raises(RuntimeError, match="uc-manager"):
         open_store(f"ucm:{tmp_path}", FP)
+
+
+@needs_ucm
+@pytest.mark.gpu
+def test_cache_posix_round_trip_on_gpu(tmp_path):
+    """UCM `Cache|Posix` moves device buffers; run on the GPU machine."""
+    from blend.store import open_store
+
+    s = open_store({"backend": "ucm", "path": str(tmp_path), "block_size": "2MiB",
+                    "pipeline": "Cache|Posix"}, FP)
+    for n in (1, 700):
+        x = torch.randn(8, 2, n, 8, 128, device="cuda").to(torch.bfloat16)
+        k = key(f"gpu{n}")
+        assert s.put(k, x) and s.lookup([k]) == [True]
+        out = torch.empty_like(x)
+        assert s.load(k, out) and same(out, x)
+        got = s.get(k)
+        assert got is not None and same(got.to("cuda"), x)
+    assert s.stats()["errors"] == {}
