@@ -125,87 +125,55 @@ class BlendPrompt(dict):
         return f"BlendPrompt({len(self['prompt_token_ids'])} tokens, spans={self.spans})"
 
 
-def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-def _chat_frame(tokenizer: Any, system: str) -> tuple[str, str] | None:
-    """The chat template's text before and after the user's content, or None."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    mark = "\x00BLEND-CONTENT\x00"
-    msgs = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": mark}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    if text.count(mark) != 1:
-        return None
-    head, tail = text.split(mark)
-    return head, tail
-
-
 def build_prompt(
     tokenizer: Any,
     system: str,
     chunks: Sequence[str],
     question: str,
     *,
-    separator: str = "\n\n",
-    chat: bool | None = None,
+    chat: bool = True,
     on_miss: str | None = None,
 ) -> BlendPrompt:
     """Prompt `system | chunk_1 | ... | chunk_k | question` with exact chunk spans.
 
-    Each chunk is tokenized on its own, so its token ids (and its cache key)
-    are the same wherever it appears. With a chat template (`chat=None`
-    uses one when the tokenizer has it) the chunks and question form the
-    user turn. `separator` text sits between pieces and is recomputed.
+    The layout is `blend.prompt.build_layout`'s, the one the offline
+    `HFBlender` uses: each chunk is tokenized on its own, so its token ids
+    (and its cache key) are the same wherever it appears; with a chat
+    template the chunks and the question form the user turn.
     """
+    from blend.prompt import build_layout
+
     if not isinstance(chunks, (list, tuple)) or not chunks:
         raise ValueError("chunks: expected a non-empty list of strings")
     for i, c in enumerate(chunks):
         if not isinstance(c, str) or not c.strip():
             raise ValueError(f"chunks[{i}]: expected non-empty text, got {c!r}")
-    if not isinstance(question, str):
-        raise ValueError("question: expected a string")
+    if not isinstance(system, str) or not isinstance(question, str):
+        raise ValueError("system and question: expected strings")
     if on_miss is not None and on_miss not in ON_MISS:
         raise ValueError(f"on_miss: {on_miss!r} not allowed; allowed: {list(ON_MISS)}")
-    frame = _chat_frame(tokenizer, system) if chat in (None, True) else None
-    if chat is True and frame is None:
-        raise ValueError("chat=True but the tokenizer has no usable chat template")
-    if frame is not None:
-        head, tail = frame
-        ids = _encode(tokenizer, head)
-    else:
-        tail = ""
-        ids = _encode(tokenizer, system, special=True) if system else _encode(tokenizer, "", True)
-    sep = _encode(tokenizer, separator) if separator else []
-    spans: list[Span] = []
-    for i, c in enumerate(chunks):
-        if i > 0 or (frame is None and system):
-            ids += sep
-        cids = _encode(tokenizer, c)
-        spans.append((len(ids), len(ids) + len(cids)))
-        ids += cids
-    ids += _encode(tokenizer, separator + question + tail)
-    text = tokenizer.decode(ids)
-    return BlendPrompt(ids, spans, text=text, on_miss=on_miss)
+    layout = build_layout(tokenizer, system, list(chunks), question, chat=chat)
+    ids = layout.token_ids
+    return BlendPrompt(ids, layout.spans, text=tokenizer.decode(ids), on_miss=on_miss)
 
 
-def chunk_prompt(tokenizer: Any, chunk: str) -> BlendPrompt:
+def chunk_prompt(tokenizer: Any, chunk: str, chat: bool = True) -> BlendPrompt:
     """A request that only computes (and stores) one chunk's standalone KV.
 
-    The chunk starts at position 0, tokenized as `build_prompt` does, and one
-    trailing token follows it: the connector never provides the prompt's last
-    token, and the chunk itself must be provided whole to be stored whole.
+    The chunk's tokens are exactly those `build_prompt` gives it, at position
+    0, and one trailing token follows: the connector never provides a
+    prompt's last token, and the chunk must be provided whole to be stored.
     """
-    cids = _encode(tokenizer, chunk)
+    from blend.prompt import build_layout
+
+    cids = build_layout(tokenizer, "", [chunk], "", chat=chat).chunks[0]
     if not cids:
         raise ValueError(f"chunk {chunk!r} has no tokens")
     tail = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cids[-1]
     return BlendPrompt(cids + [int(tail)], [(0, len(cids))], on_miss="compute")
 
 
-def precompute(llm: Any, chunks: Sequence[str]) -> dict[str, int]:
+def precompute(llm: Any, chunks: Sequence[str], chat: bool = True) -> dict[str, int]:
     """Compute and store every chunk's standalone KV through the engine.
 
     Sends one chunk-only request per chunk (one output token); the connector
@@ -214,7 +182,7 @@ def precompute(llm: Any, chunks: Sequence[str]) -> dict[str, int]:
     from vllm import SamplingParams
 
     tok = llm.get_tokenizer()
-    prompts = [chunk_prompt(tok, c) for c in chunks]
+    prompts = [chunk_prompt(tok, c, chat) for c in chunks]
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     llm.generate([p.tokens_prompt() for p in prompts], [p.attach(sp) for p in prompts],
                  use_tqdm=False)
