@@ -17,11 +17,19 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+try:
+    import blend  # noqa: F401
+except Exception:  # no vLLM / editable install (GPU box, 3.12 env): the store needs neither
+    _m = types.ModuleType("blend")
+    _m.__path__ = [str(REPO / "blend")]
+    sys.modules["blend"] = _m
 
 from blend.store import format as fmt  # noqa: E402
 from blend.store import open_store  # noqa: E402
