@@ -154,10 +154,34 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
         if loader.stream is not None:
             loader.stream.synchronize()
 
+    def blend_ctx_only():
+        loader.start()
+        blender.run([BlendSeq(ctx_ids, 0, row)], kv, blend=True, layer_hook=loader)
+
     t_full = timed(full, device, reps)
+    t_ctx = timed(blend_ctx_only, device, reps)
     t_blend = timed(blended, device, reps)
     t_load = timed(load_only, device, reps)
     t_copy = timed(copy_only, device, reps)
+    # Host side: how long the blend takes to enqueue (GPU-bound if well under blend_ms), and
+    # which calls synchronize the device (CUDA sync debug mode, first call site per message).
+    sync(device)
+    t = time.perf_counter()
+    blended()
+    host_ms = (time.perf_counter() - t) * 1e3
+    sync(device)
+    syncs = []
+    if device == "cuda":
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                blended()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = sorted({f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught})
     # Master invariant on the GPU: ratio 1.0 reproduces full prefill (last-token logits).
     r1 = blender.with_config(BlendConfig(recomp_ratio=1.0, check_layers=(1,),
                                          attention_backend=blender.config.attention_backend))
@@ -170,12 +194,14 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
                                                       else f"paged{block_size}"),
         "full_ms": statistics.median(t_full), "blend_ms": statistics.median(t_blend),
         "speedup": statistics.median(t_full) / statistics.median(t_blend),
+        "blend_context_only_ms": statistics.median(t_ctx),
+        "host_enqueue_ms": host_ms, "sync_sites": syncs,
         "load_plus_fuse_rerotate_ms": statistics.median(t_load),
         "h2d_copy_ms": statistics.median(t_copy),
         "h2d_gbps": host_kv.numel() * host_kv.element_size() / statistics.median(t_copy) / 1e6,
         "chunk_kv_bytes": host_kv.numel() * host_kv.element_size(),
         "ratio1_vs_full_last_logits_rel_err": inv_err,
-        "raw_ms": {"full": t_full, "blend": t_blend, "load": t_load, "copy": t_copy},
+        "raw_ms": {"full": t_full, "blend": t_blend, "ctx": t_ctx, "load": t_load, "copy": t_copy},
     }
     if profile_dir is not None and device == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -215,7 +241,11 @@ def main() -> None:
                       f"blend {r['blend_ms']:7.1f} ms  speedup {r['speedup']:.2f}x  "
                       f"load(h2d) {r['h2d_copy_ms']:.1f} ms ({r['h2d_gbps']:.0f} GB/s)  "
                       f"load+fuse+rot {r['load_plus_fuse_rerotate_ms']:.1f} ms  "
-                      f"r=1 err {r['ratio1_vs_full_last_logits_rel_err']:.1e}", flush=True)
+                      f"r=1 err {r['ratio1_vs_full_last_logits_rel_err']:.1e}  "
+                      f"ctx-only {r['blend_context_only_ms']:.1f} ms  host {r['host_enqueue_ms']:.1f} ms"
+                      f"  syncs {len(r['sync_sites'])}", flush=True)
+                for site in r["sync_sites"]:
+                    print("   sync:", site)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "model": "Llama-3-8B shape, random bf16 weights",
             "recomp_ratio": 0.15, "check_layers": [1], "layers": args.layers}

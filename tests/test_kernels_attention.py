@@ -13,7 +13,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
 def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, seed=0,
-             device_lens=False):
+             device_lens=False, num_splits=None):
     gen = torch.Generator().manual_seed(seed)
     kc, vc, table = paged_cache(lens, block_size, hkv, dim, dtype, DEV, heads_first, gen=gen)
     pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
@@ -27,7 +27,8 @@ def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, see
     out = torch.full_like(q, float("nan"))
     cu_arg = torch.tensor(cu, device=DEV, dtype=torch.int32) if device_lens else cu
     lens_arg = torch.tensor(lens, device=DEV, dtype=torch.int32) if device_lens else lens
-    got = selected_attention(q, kc, vc, q_pos, cu_arg, table, lens_arg, scale, out=out)
+    got = selected_attention(q, kc, vc, q_pos, cu_arg, table, lens_arg, scale, out=out,
+                             num_splits=num_splits)
     assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "unwritten output rows"
     if q.shape[0]:
@@ -56,6 +57,30 @@ def test_empty_requests_and_empty_batch():
 def test_contiguous_cache_and_all_positions():
     # num_blocks == 1 (one block holds the request): the ONE_BLOCK path; every position selected.
     run_case(3, 1, 64, torch.float32, lens=[53], nsel=[53], block_size=53, seed=4)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_kv(splits):
+    # Keys cut into ranges merged by the combine kernel (short questions over long contexts);
+    # some splits are empty for the short request.
+    run_case(6, 2, 64, torch.float16, lens=[70, 9], nsel=[6, 3], block_size=16, seed=splits,
+             num_splits=splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 3, 16])
+def test_gpu_question_over_long_context(splits):
+    # 64 contiguous query positions at the end of 32k keys: the auto split path.
+    gen = torch.Generator().manual_seed(11)
+    ctx = 32768
+    kc, vc, table = paged_cache([ctx + 64], 16, 8, 128, torch.bfloat16, DEV, gen=gen)
+    q = torch.randn(64, 32, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    q_pos = torch.arange(ctx, ctx + 64, dtype=torch.int32, device=DEV)
+    ref = selected_attention_ref(q, kc, vc, q_pos, [0, 64], table, [ctx + 64], 128**-0.5)
+    got = selected_attention(q, kc, vc, q_pos, [0, 64], table, [ctx + 64], 128**-0.5,
+                             num_splits=splits)
+    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < 1.5e-2, err
 
 
 @pytest.mark.gpu

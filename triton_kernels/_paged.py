@@ -25,18 +25,33 @@ def gather_tokens(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> 
     return cache[block_row.long()[pos // bs], pos % bs]
 
 
+_DEVICE_INTS: dict[tuple, torch.Tensor] = {}
+
+
 def to_device(values: Sequence[int] | torch.Tensor, device: torch.device,
               dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Host ints -> device tensor without a device sync (pinned staging, non_blocking copy).
 
     A tensor already on `device` passes through untouched (no dtype change).
+    Host sequences are cached by value: a blend passes the same `cu_q` and
+    `seq_lens` to every layer, and a fresh pinned buffer per call costs a
+    cudaHostAlloc whenever the host runs ahead of the GPU (it always does).
+    Callers must not write to the result.
     """
     if isinstance(values, torch.Tensor):
         if values.device == device:
             return values
         values = values.to(dtype)
     else:
-        values = torch.tensor(list(values), dtype=dtype)
+        values = tuple(int(v) for v in values)
+        key = (device, dtype, values)
+        hit = _DEVICE_INTS.get(key)
+        if hit is not None:
+            return hit
+        if len(_DEVICE_INTS) >= 512:
+            _DEVICE_INTS.clear()
+        out = _DEVICE_INTS[key] = to_device(torch.tensor(values, dtype=dtype), device, dtype)
+        return out
     if device.type != "cuda":
         return values.to(device)
     if not values.is_pinned():

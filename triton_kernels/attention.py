@@ -116,19 +116,24 @@ def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
 def _selected_attention_kernel(
     Q, K, V, Out, QPOS, CU_Q, BT, SEQ_LENS,
     qk_scale,  # softmax scale * log2(e)
-    num_reqs, block_size,
+    num_reqs, n_q, block_size,
     s_qt, s_qh, s_qd,
     s_kb, s_ko, s_kh, s_kd,
     s_vb, s_vo, s_vh, s_vd,
     s_ot, s_oh, s_od,
     s_btb, s_btn,
-    NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
+    WS_M, WS_ACC,  # split-KV partials: [splits, Nq, Hq] and [splits, Nq, Hq, D_PAD] fp32
+    NUM_SPLITS: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Flat grid, heaviest tiles first across all KV heads: the hardware hands out
     # programs in order, which makes this a longest-job-first schedule.
+    # With NUM_SPLITS > 1 (few tiles, long keys) each tile's keys are cut into
+    # NUM_SPLITS ranges whose partial softmax states `_combine_kernel` merges.
     flat = tl.num_programs(0) - 1 - tl.program_id(0)
+    split = flat % NUM_SPLITS
+    flat = flat // NUM_SPLITS
     pid = flat // NUM_KV
     kvh = flat % NUM_KV
 
@@ -175,16 +180,77 @@ def _selected_attention_kernel(
     else:
         kbase = K + kvh * s_kh
         vbase = V + kvh * s_vh
-    m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, 0, full_end, kv_end,
+    if NUM_SPLITS > 1:
+        per = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        k_lo = split * per
+        k_hi = tl.minimum(k_lo + per, kv_end)
+    else:
+        k_lo = 0
+        k_hi = kv_end
+    k_mid = tl.maximum(tl.minimum(full_end, k_hi), k_lo)  # [k_lo, k_mid) needs no mask
+    m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, k_lo, k_mid, kv_end,
                             qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
                             False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
-    m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, full_end, kv_end,
+    m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, k_mid, k_hi,
                             kv_end, qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
                             s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
 
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(Out + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
-             acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS > 1:
+        r = (split * n_q.to(tl.int64) + tok.to(tl.int64)) * (NUM_KV * G) + head
+        tl.store(WS_M + 2 * r, m_i, mask=row_ok)
+        tl.store(WS_M + 2 * r + 1, l_i, mask=row_ok)
+        tl.store(WS_ACC + r[:, None] * D_PAD + d[None, :], acc, mask=row_ok[:, None])
+    else:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
+                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(Out, WS_M, WS_ACC, nq, s_ot, s_oh, s_od,
+                    HQ: tl.constexpr, HQ_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Merge the split-KV partial softmax states of one query token (all heads)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, HQ_PAD)
+    d = tl.arange(0, D_PAD)
+    h_ok = h < HQ
+    m = tl.full([HQ_PAD], -1.0e30, dtype=tl.float32)
+    l_sum = tl.zeros([HQ_PAD], dtype=tl.float32)
+    acc = tl.zeros([HQ_PAD, D_PAD], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        r = (s * nq + t) * HQ + h
+        m_s = tl.load(WS_M + 2 * r, mask=h_ok, other=-1.0e30)
+        l_s = tl.load(WS_M + 2 * r + 1, mask=h_ok, other=0.0)
+        a_s = tl.load(WS_ACC + r[:, None] * D_PAD + d[None, :], mask=h_ok[:, None], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.math.exp2(m - m_new)
+        beta = tl.math.exp2(m_s - m_new)
+        l_sum = l_sum * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m = m_new
+    acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(Out + t * s_ot + h[:, None] * s_oh + d[None, :] * s_od, acc.to(Out.dtype.element_ty),
+             mask=h_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_splits(device: torch.device, programs: int, seq_lens) -> int:
+    """Split the keys only when the tiles alone cannot fill the GPU (e.g. a short question)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    sms = _SM_COUNT[idx]
+    if programs >= sms:
+        return 1
+    splits = min(16, -(-2 * sms // programs))
+    if not isinstance(seq_lens, torch.Tensor):  # host lengths: no split below ~512 keys each
+        splits = min(splits, max(1, max(seq_lens, default=0) // 512))
+    return max(1, splits)
 
 
 def _config(head_dim: int, group: int) -> tuple[int, int, int, int]:
@@ -193,7 +259,7 @@ def _config(head_dim: int, group: int) -> tuple[int, int, int, int]:
         return 16, 16, 1, 1
     if head_dim <= 64:
         return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    return 128, 128, 8, 3
 
 
 def selected_attention(
@@ -207,12 +273,14 @@ def selected_attention(
     scale: float,
     config: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Triton version of `selected_attention_ref` (same arguments, same result).
 
     `cu_q` / `seq_lens` may be host sequences or device int tensors; host ones
     travel through pinned memory without a device sync. `config` overrides the
-    tile shape (benchmarks only); `out` (shaped like `q`) receives the result.
+    tile shape (benchmarks only); `out` (shaped like `q`) receives the result;
+    `num_splits` forces the split-KV count (chosen from the grid size otherwise).
     """
     nq, hq, dim = q.shape
     hkv = k_cache.shape[2]
@@ -227,17 +295,28 @@ def selected_attention(
     dev = q.device
     cu_q_t = to_device(cu_q, dev)
     seq_t = to_device(seq_lens, dev)
-    grid = ((nq // tok + nreq) * hkv,)
+    programs = (nq // tok + nreq) * hkv
+    splits = num_splits or _num_splits(dev, programs, seq_lens)
+    d_pad = triton.next_power_of_2(dim)
+    if splits > 1:
+        ws_m = torch.empty((splits, nq, hq, 2), dtype=torch.float32, device=dev)
+        ws_acc = torch.empty((splits, nq, hq, d_pad), dtype=torch.float32, device=dev)
+    else:
+        ws_m = ws_acc = out  # unused
     bs = k_cache.shape[1]
-    _selected_attention_kernel[grid](
+    _selected_attention_kernel[(programs * splits,)](
         q, k_cache, v_cache, out, q_pos, cu_q_t, block_table, seq_t,
-        scale * LOG2E, nreq, k_cache.shape[1],
+        scale * LOG2E, nreq, nq, k_cache.shape[1],
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *block_table.stride(),
-        NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim),
+        *block_table.stride(), ws_m, ws_acc,
+        NUM_SPLITS=splits, NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=dim, D_PAD=d_pad,
         ONE_BLOCK=block_table.shape[1] == 1, PAGE=bs if bs & (bs - 1) == 0 and bs <= 4096 else 0,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
         num_warps=warps, num_stages=stages,
     )
+    if splits > 1:
+        _combine_kernel[(nq,)](out, ws_m, ws_acc, nq, *out.stride(), HQ=hq,
+                               HQ_PAD=triton.next_power_of_2(hq), NUM_SPLITS=splits,
+                               HEAD_DIM=dim, D_PAD=d_pad, num_warps=4)
     return out
