@@ -85,12 +85,17 @@ class BlendPrompt(dict):
     """
 
     def __init__(self, token_ids: Sequence[int], spans: Sequence[Span], text: str | None = None,
-                 on_miss: str | None = None) -> None:
+                 on_miss: str | None = None, cache_fuse_metadata: dict | None = None) -> None:
         ids = [int(t) for t in token_ids]
         super().__init__(prompt_token_ids=ids)
         self.spans = validate_spans([list(s) for s in spans], len(ids))
         self.text = text
         self.on_miss = on_miss
+        self.cache_fuse_metadata = cache_fuse_metadata
+        if cache_fuse_metadata:
+            from blend.config import BlendConfig
+
+            BlendConfig.from_dict(cache_fuse_metadata)  # raise here, not in the engine
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -101,7 +106,7 @@ class BlendPrompt(dict):
         return {"prompt_token_ids": list(self["prompt_token_ids"])}
 
     def kv_transfer_params(self) -> dict:
-        return make_params(self.spans, self.on_miss)
+        return make_params(self.spans, self.on_miss, self.cache_fuse_metadata)
 
     def attach(self, sampling_params):
         """A copy of `sampling_params` carrying this prompt's spans to the connector."""
@@ -133,6 +138,7 @@ def build_prompt(
     *,
     chat: bool = True,
     on_miss: str | None = None,
+    cache_fuse_metadata: dict | None = None,
 ) -> BlendPrompt:
     """Prompt `system | chunk_1 | ... | chunk_k | question` with exact chunk spans.
 
@@ -140,6 +146,8 @@ def build_prompt(
     `HFBlender` uses: each chunk is tokenized on its own, so its token ids
     (and its cache key) are the same wherever it appears; with a chat
     template the chunks and the question form the user turn.
+    `cache_fuse_metadata` overrides the engine's blend knobs for this request
+    only (e.g. `{"recomp_ratio": 1.0}`).
     """
     from blend.prompt import build_layout
 
@@ -154,7 +162,8 @@ def build_prompt(
         raise ValueError(f"on_miss: {on_miss!r} not allowed; allowed: {list(ON_MISS)}")
     layout = build_layout(tokenizer, system, list(chunks), question, chat=chat)
     ids = layout.token_ids
-    return BlendPrompt(ids, layout.spans, text=tokenizer.decode(ids), on_miss=on_miss)
+    return BlendPrompt(ids, layout.spans, text=tokenizer.decode(ids), on_miss=on_miss,
+                       cache_fuse_metadata=cache_fuse_metadata)
 
 
 def chunk_prompt(tokenizer: Any, chunk: str, chat: bool = True) -> BlendPrompt:

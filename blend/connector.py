@@ -124,8 +124,7 @@ class BlendConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        self._scheduler.request_finished(request)
-        return False, None
+        return False, self._scheduler.request_finished(request)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -37,6 +37,7 @@ class BlendRequest:
     context_end: int
     block_ids: list[int]
     on_miss: str = "compute"
+    config: dict | None = None  # per-request cache_fuse_metadata (full, validated), or None
 
     @property
     def num_blend(self) -> int:

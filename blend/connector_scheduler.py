@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from blend.config import BlendConfig
 from blend.connector_meta import BlendConnectorMetadata, BlendRequest, ChunkRef
 from blend.keys import chunk_key
 from blend.log import get_logger
 from blend.segments import (
+    PARAMS_KEY,
     SeparatorSplitter,
     Span,
     SpanError,
@@ -40,6 +42,7 @@ class _Plan:
     context_end: int
     on_miss: str
     num_local: int = 0
+    config: dict | None = None
 
 
 class BlendScheduler:
@@ -55,8 +58,10 @@ class BlendScheduler:
         self.min_chunk_tokens = int(extra.get("min_chunk_tokens", 1))
         self._splitter: SeparatorSplitter | None = None
         self._tokenizer_loader = tokenizer_loader
+        self.base_config = BlendConfig.from_dict(extra.get("cache_fuse_metadata")).to_dict()
         self._plans: dict[str, _Plan] = {}
         self._to_load: dict[str, tuple[Request, _Plan]] = {}
+        self._reports: dict[str, dict] = {}
         self.stats = {"requests": 0, "blended_requests": 0, "chunks": 0, "chunk_hits": 0,
                       "chunk_tokens": 0, "chunk_hit_tokens": 0, "fallbacks": 0, "bad_spans": 0}
 
@@ -109,7 +114,14 @@ class BlendScheduler:
             log.debug("request %s: %d/%d chunks miss, on_miss=prefill: plain prefill",
                       rid, hits.count(False), len(hits))
             return 0, False
-        self._plans[rid] = _Plan(spans, keys, hits, end, on_miss, num_computed_tokens)
+        override = params.get("cache_fuse_metadata")
+        if override is not None:
+            try:
+                override = BlendConfig.from_dict({**self.base_config, **override}).to_dict()
+            except (ValueError, TypeError) as exc:
+                log.warning("request %s: bad cache_fuse_metadata (%s); plain prefill", rid, exc)
+                return 0, False
+        self._plans[rid] = _Plan(spans, keys, hits, end, on_miss, num_computed_tokens, override)
         return end - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
@@ -121,6 +133,12 @@ class BlendScheduler:
         plan.num_local = plan.context_end - num_external_tokens
         self._to_load[rid] = (request, plan)
         self._count(plan)
+        n = [e - s for s, e in plan.spans]
+        self._reports[rid] = {
+            "chunks": len(plan.keys), "chunk_hits": sum(plan.hits),
+            "chunk_tokens": sum(n), "chunk_hit_tokens": sum(x for x, h in zip(n, plan.hits) if h),
+            "num_local": plan.num_local, "num_external": num_external_tokens,
+        }
 
     def _count(self, plan: _Plan) -> None:
         st = self.stats
@@ -164,8 +182,12 @@ class BlendScheduler:
             context_end=plan.context_end,
             block_ids=list(block_ids),
             on_miss=plan.on_miss,
+            config=plan.config,
         )
 
-    def request_finished(self, request: Request) -> None:
+    def request_finished(self, request: Request) -> dict | None:
+        """Forget the request; return what it got from the store (goes to its output)."""
         self._plans.pop(request.request_id, None)
         self._to_load.pop(request.request_id, None)
+        report = self._reports.pop(request.request_id, None)
+        return None if report is None else {PARAMS_KEY: report}

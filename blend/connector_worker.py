@@ -92,6 +92,7 @@ class BlendWorker:
         self._pending_puts: list[tuple[str, torch.Tensor]] = []
         self.trace_dir = extra.get("trace_dir")
         self.last_traces: dict[str, dict] = {}
+        self._blenders: dict[str, Blender] = {}
 
     # ------------------------------------------------------------------ set-up
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -163,14 +164,14 @@ class BlendWorker:
             self.stats.computed_chunks += 1
         return kv
 
-    def _plan(self, req: BlendRequest) -> tuple[BlendSeq, list[Placement]]:
+    def _plan(self, req: BlendRequest, config: BlendConfig) -> tuple[BlendSeq, list[Placement]]:
         """The request's BlendSeq over `[num_local, context_end)` and its chunk placements."""
         a = self.blender.adapter
         p0, end = req.num_local, req.context_end
         row = torch.tensor(req.block_ids, dtype=torch.int32)
         forced = torch.ones(end - p0, dtype=torch.bool)  # text is recomputed unless a chunk covers it
         placements: list[Placement] = []
-        sink = self.config.sink_tokens
+        sink = config.sink_tokens
         for i, ch in enumerate(req.chunks):
             lo, hi = max(ch.start, p0), min(ch.end, end)
             self.stats.chunks += 1
@@ -193,15 +194,31 @@ class BlendWorker:
         if not requests:
             return
         assert self.blender is not None and self.kv is not None, "register_kv_caches not called"
+        groups: dict[str, list[BlendRequest]] = {}
+        for req in requests:  # one batched run per distinct per-request config
+            groups.setdefault(json.dumps(req.config, sort_keys=True), []).append(req)
+        for reqs in groups.values():
+            self._run(reqs)
+
+    def _blender_for(self, config: dict | None) -> Blender:
+        if config is None:
+            return self.blender
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._blenders:
+            self._blenders[key] = self.blender.with_config(BlendConfig.from_dict(config))
+        return self._blenders[key]
+
+    def _run(self, requests: list[BlendRequest]) -> None:
         t0 = time.perf_counter()
+        blender = self._blender_for(requests[0].config)
         seqs, placements = [], []
         for req in requests:
-            seq, pl = self._plan(req)
+            seq, pl = self._plan(req, blender.config)
             seqs.append(seq)
             placements += pl
         trace = BlendTrace() if self.trace_dir else None
-        out = self.blender.run(seqs, self.kv, blend=True, trace=trace,
-                               layer_hook=layer_loader(self.blender, self.kv, placements))
+        out = blender.run(seqs, self.kv, blend=True, trace=trace,
+                          layer_hook=layer_loader(blender, self.kv, placements))
         st = self.stats
         st.blended_requests += len(requests)
         st.blended_tokens += sum(int(s.token_ids.numel()) for s in seqs)

@@ -95,9 +95,12 @@ def request_params(kv_transfer_params: Any) -> dict | None:
     return p if isinstance(p, dict) else None
 
 
-def make_params(spans: Sequence[Span], on_miss: str | None = None) -> dict:
-    """The `kv_transfer_params` value that carries chunk spans with a request."""
+def make_params(spans: Sequence[Span], on_miss: str | None = None,
+                cache_fuse_metadata: dict | None = None) -> dict:
+    """The `kv_transfer_params` value that carries chunk spans (and overrides) with a request."""
     p: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
+    if cache_fuse_metadata:
+        p["cache_fuse_metadata"] = dict(cache_fuse_metadata)
     if on_miss is not None:
         if on_miss not in ON_MISS:
             raise ValueError(f"on_miss: expected one of {ON_MISS}, got {on_miss!r}")
@@ -183,7 +186,6 @@ class SeparatorSplitter:
             while t < len(tok) and tok[t][1] <= hi:
                 t += 1
             e = t
-            # skip tokens that are only whitespace at either edge? No: keep the piece exact.
             if e > s and text[tok[s][0]:tok[e - 1][1]].strip():
                 out.append((s, e))
         return out

@@ -36,7 +36,8 @@ def apply_capture(module: Any, target: str) -> str:
     """Wrap a model runner's `load_model` so the loaded model is recorded."""
     owner, attr = _resolve(module, target)
     model_capture.wrap_load_model(owner, attr)
-    return owner.__name__
+    v2 = ".worker.gpu." in module.__name__ + "." or ".worker.cpu." in module.__name__ + "."
+    return owner.__name__ + (" V2" if v2 else "")
 
 
 def apply_prompt_spans(module: Any, target: str) -> str:
