@@ -172,35 +172,39 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--ucm-config", default="{}", help="extra raw UCM options (JSON)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "store.json"))
     a = ap.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                             "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+                 "targets": {"memory_get_gbps": 5, "disk_get_page_cache_gbps": 2,
+                             "lookup64_ms": 1, "gpu_h2d_gbps": 25}}
+
+    def section(name: str, fn) -> None:
+        """Run one section; print and save at once, so a crash later loses nothing."""
+        try:
+            res[name] = fn()
+        except Exception as e:  # record, don't lose the other numbers
+            res[name] = {"error": repr(e)}
+        print(f"== {name}", flush=True)
+        for k, v in res[name].items():
+            print(f"  {k:40s} {v}", flush=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp:
         root = Path(tmp)
-        res = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
-               "cpu": cpu_bench(root, a.reps),
-               "ucm_posix": ucm_bench(root, a.reps, "Posix", "cpu")}
         if a.gpu:
             res["machine"]["gpu"] = torch.cuda.get_device_name()
-            res["gpu_blend_load"] = gpu_blend_load(root, a.reps)
-            errs = []
-            for extra in ({}, {"cache_buffer_capacity_gb": 4}):
-                try:
-                    res["ucm_cache_posix"] = ucm_bench(root, a.reps, "Cache|Posix", "cuda", extra)
-                    res["ucm_cache_posix"]["ucm_config"] = extra
-                    break
-                except Exception as e:  # record, don't lose the other numbers
-                    errs.append(f"{extra}: {e!r}")
-                    res["ucm_cache_posix"] = {"errors_by_config": errs}
-        res["targets"] = {"memory_get_gbps": 5, "disk_get_page_cache_gbps": 2,
-                          "lookup64_ms": 1, "gpu_h2d_gbps": 25}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-    for sec, vals in res.items():
-        if isinstance(vals, dict):
-            print(f"== {sec}")
-            for k, v in vals.items():
-                print(f"  {k:40s} {v}")
+            section("gpu_blend_load", lambda: gpu_blend_load(root, a.reps))
+        if not a.skip_cpu:
+            section("cpu", lambda: cpu_bench(root, a.reps))
+        section("ucm_posix", lambda: ucm_bench(root, a.reps, "Posix", "cpu"))
+        if a.gpu:
+            section("ucm_cache_posix", lambda: ucm_bench(root, a.reps, "Cache|Posix", "cuda",
+                                                         json.loads(a.ucm_config)))
     fmt.pool().shutdown(wait=False)
 
 
