@@ -12,3 +12,16 @@ from blend.api import BlendPrompt, build_prompt, kv_transfer_config, precompute 
 from blend.patches import install_import_hook as _install_import_hook  # noqa: E402
 
 _install_import_hook()
+
+
+def __getattr__(name: str):
+    """Offline API, imported on first use (it pulls in transformers)."""
+    if name == "HFBlender":
+        from blend.offline import HFBlender
+
+        return HFBlender
+    if name == "BlendConfig":
+        from blend.config import BlendConfig
+
+        return BlendConfig
+    raise AttributeError(f"module 'blend' has no attribute {name!r}")

@@ -1,0 +1,235 @@
+"""Quality of blending against full prefill, on real models and real text.
+
+SmolLM2 on prose (pydoc_data.topics passages): KL(full || x) and top-1
+agreement over the question tokens, and greedy 32-token agreement, for full
+reuse and blend at several ratios. Qwen2.5-Coder-0.5B on SQuAD multi-document
+QA (gold paragraph + 3 distractors from the same article): EM and F1.
+
+Writes bench/results/quality.json and bench/results/quality.png.
+Usage: python bench/quality.py [--only prose|squad] [--n N] [--variants]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import string
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SYSTEM = "You are a helpful assistant. Answer the question using only the documents below."
+RATIOS = (0.05, 0.1, 0.15, 0.3, 1.0)
+
+
+# --- data --------------------------------------------------------------------------------------
+def prose_prompts(n: int, seed: int = 0) -> list[tuple[list[str], str]]:
+    """n prompts of 4 passages (~120 words each) from Python's language reference + a question."""
+    from pydoc_data.topics import topics
+
+    names = sorted(k for k, v in topics.items() if len(v.split()) > 150)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        pick = rng.sample(names, 4)
+        passages = [" ".join(topics[k].split()[:120]) for k in pick]
+        target = rng.randrange(4)
+        q = f"What does the document about '{pick[target]}' explain? Summarize it in two sentences."
+        out.append((passages, q))
+    return out
+
+
+def squad_items(n: int, seed: int = 0) -> list[tuple[list[str], str, list[str]]]:
+    """n SQuAD v1.1 dev questions: gold paragraph + 3 distractors from its article, shuffled."""
+    from bench.squad import load_squad_dev
+
+    data = load_squad_dev()
+    rng = random.Random(seed)
+    arts = [a for a in data["data"] if len(a["paragraphs"]) >= 4]
+    items = []
+    while len(items) < n:
+        art = rng.choice(arts)
+        gi = rng.randrange(len(art["paragraphs"]))
+        gold = art["paragraphs"][gi]
+        qa = rng.choice(gold["qas"])
+        others = [p["context"] for j, p in enumerate(art["paragraphs"]) if j != gi]
+        docs = rng.sample(others, 3) + [gold["context"]]
+        rng.shuffle(docs)
+        items.append((docs, qa["question"], [a["text"] for a in qa["answers"]]))
+    return items
+
+
+# --- metrics -----------------------------------------------------------------------------------
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _norm(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def em_f1(pred: str, golds: list[str]) -> tuple[float, float]:
+    """SQuAD v1.1 exact match and token F1 (max over gold answers)."""
+    best_em, best_f1 = 0.0, 0.0
+    p = _norm(pred).split()
+    for g in golds:
+        gt = _norm(g).split()
+        best_em = max(best_em, float(p == gt))
+        common = Counter(p) & Counter(gt)
+        same = sum(common.values())
+        if same:
+            prec, rec = same / len(p), same / len(gt)
+            best_f1 = max(best_f1, 2 * prec * rec / (prec + rec))
+    return best_em, best_f1
+
+
+def prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- runs --------------------------------------------------------------------------------------
+def load(name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blend.assets import model_path
+    from blend.offline import HFBlender
+
+    path = str(model_path(name))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return HFBlender(model, tok)
+
+
+def settings(ratios, base: dict) -> dict[str, tuple[str, dict | None]]:
+    out = {"full": ("full", None), "reuse": ("reuse", None)}
+    for r in ratios:
+        out[f"blend@{r}"] = ("blend", {**base, "recomp_ratio": r})
+    return out
+
+
+def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32) -> dict:
+    prompts = prose_prompts(n)
+    acc: dict[str, dict[str, list[float]]] = {}
+    for i, (chunks, q) in enumerate(prompts):
+        full = hb.prefill(SYSTEM, chunks, q, "full")
+        full_gen = hb.generate(SYSTEM, chunks, q, "full", gen_tokens)
+        for name, (mode, meta) in settings(ratios, base).items():
+            if name == "full":
+                continue
+            res = hb.prefill(SYSTEM, chunks, q, mode, meta)
+            gen = hb.generate(SYSTEM, chunks, q, mode, gen_tokens, meta)
+            m = acc.setdefault(name, {"kl": [], "top1": [], "gen_exact": [], "gen_prefix": [],
+                                      "recomputed": []})
+            m["kl"].append(kl(full.logits, res.logits))
+            m["top1"].append(float((full.logits.argmax(-1) == res.logits.argmax(-1)).float().mean()))
+            m["gen_exact"].append(float(gen == full_gen))
+            m["gen_prefix"].append(prefix_len(gen, full_gen))
+            m["recomputed"].append(res.selected.numel() / full.layout.context_len)
+        print(f"  prose {i + 1}/{n}: ctx {full.layout.context_len} tok, q {len(full.layout.suffix)} tok",
+              file=sys.stderr)
+    out = {"full": {"kl": 0.0, "top1": 1.0, "gen_exact": 1.0, "gen_prefix": float(gen_tokens)}}
+    for name, m in acc.items():
+        out[name] = {k: round(sum(v) / len(v), 5) for k, v in m.items()}
+    out["_prompts"] = n
+    return out
+
+
+def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24) -> dict:
+    items = squad_items(n)
+    modes = {"full": ("full", None), "reuse": ("reuse", None),
+             f"blend@{ratio}": ("blend", {**base, "recomp_ratio": ratio})}
+    scores = {k: {"em": [], "f1": []} for k in modes}
+    system = "Answer the question with a short phrase taken from the documents."
+    for i, (docs, q, golds) in enumerate(items):
+        for name, (mode, meta) in modes.items():
+            ids = hb.generate(system, docs, q, mode, gen_tokens, meta)
+            text = hb.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0]
+            em, f1 = em_f1(text, golds)
+            scores[name]["em"].append(em)
+            scores[name]["f1"].append(f1)
+        if (i + 1) % 10 == 0:
+            print(f"  squad {i + 1}/{n}", file=sys.stderr)
+    out = {k: {m: round(100 * sum(v) / len(v), 2) for m, v in s.items()} for k, s in scores.items()}
+    out["_questions"] = n
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prose = results.get("SmolLM2-135M-Instruct", {}).get("pydoc_prose")
+    if not prose:
+        return
+    pts = sorted((float(k.split("@")[1]), v) for k, v in prose.items() if k.startswith("blend@"))
+    xs = [p[0] for p in pts]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(xs, [p[1]["kl"] for p in pts], "o-", label="blend")
+    ax[0].axhline(prose["reuse"]["kl"], color="r", ls="--", label="full reuse")
+    ax[0].set(xlabel="recomp_ratio", ylabel="mean KL(full || x), question tokens",
+              title="SmolLM2: KL to full prefill", yscale="symlog")
+    ax[1].plot(xs, [p[1]["top1"] for p in pts], "o-", label="top-1 agreement")
+    ax[1].plot(xs, [p[1]["gen_exact"] for p in pts], "s-", label="identical 32-token greedy")
+    ax[1].axhline(prose["reuse"]["top1"], color="r", ls="--", label="full reuse (top-1)")
+    ax[1].set(xlabel="recomp_ratio", ylabel="agreement with full prefill",
+              title="SmolLM2: agreement with full prefill")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=["prose", "squad"])
+    ap.add_argument("--n", type=int, default=None, help="prompts (prose 20, squad 40 by default)")
+    ap.add_argument("--meta", default="{}", help="extra cache_fuse_metadata as JSON")
+    ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    args = ap.parse_args()
+    base = json.loads(args.meta)
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    t0 = time.time()
+    if args.only in (None, "prose"):
+        hb = load("SmolLM2-135M-Instruct")
+        r = run_prose(hb, args.n or 20, RATIOS, base)
+        results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
+        print(f"{'setting':<14}{'KL':>9}{'top1':>8}{'gen_exact':>11}{'gen_prefix':>12}")
+        for k, v in r.items():
+            if not k.startswith("_"):
+                print(f"{k:<14}{v['kl']:>9.4f}{v['top1']:>8.3f}{v['gen_exact']:>11.2f}{v['gen_prefix']:>12.1f}")
+    if args.only in (None, "squad"):
+        hb = load("Qwen2.5-Coder-0.5B-Instruct")
+        r = run_squad(hb, args.n or 40, base)
+        results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = r
+        print(f"{'setting':<14}{'EM':>8}{'F1':>8}")
+        for k, v in r.items():
+            if not k.startswith("_"):
+                print(f"{k:<14}{v['em']:>8.2f}{v['f1']:>8.2f}")
+    results["_config"] = {"cache_fuse_metadata": base, "dtype": "float32",
+                          "seconds": round(time.time() - t0)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1))
+    plot(results, out_path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
