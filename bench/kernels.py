@@ -30,8 +30,9 @@ from blend.triton_kernels.rope import delta_cos_sin, rerotate_k
 
 HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16
-CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages[, vec_pages: paged caches only])
     (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+    (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
 ]  # run 1 also tried (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4): always slower
 
 
@@ -67,6 +68,8 @@ def attention_case(ctx: int, frac: float, block_size: int, configs, gen) -> dict
     rows = []
     best = None
     for cfg in configs:
+        if len(cfg) > 4 and block_size == ctx:
+            continue  # vec_pages only matters for paged caches
         try:
             out = selected_attention(q, kc, vc, q_pos, cu, table, lens, scale, config=cfg)
             ms = bench(lambda cfg=cfg: selected_attention(q, kc, vc, q_pos, cu, table, lens,

@@ -13,7 +13,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
 def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, seed=0,
-             device_lens=False, num_splits=None):
+             device_lens=False, num_splits=None, config=None):
     gen = torch.Generator().manual_seed(seed)
     kc, vc, table = paged_cache(lens, block_size, hkv, dim, dtype, DEV, heads_first, gen=gen)
     pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
@@ -28,7 +28,7 @@ def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, see
     cu_arg = torch.tensor(cu, device=DEV, dtype=torch.int32) if device_lens else cu
     lens_arg = torch.tensor(lens, device=DEV, dtype=torch.int32) if device_lens else lens
     got = selected_attention(q, kc, vc, q_pos, cu_arg, table, lens_arg, scale, out=out,
-                             num_splits=num_splits)
+                             num_splits=num_splits, config=config)
     assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "unwritten output rows"
     if q.shape[0]:
@@ -57,6 +57,14 @@ def test_empty_requests_and_empty_batch():
 def test_contiguous_cache_and_all_positions():
     # num_blocks == 1 (one block holds the request): the ONE_BLOCK path; every position selected.
     run_case(3, 1, 64, torch.float32, lens=[53], nsel=[53], block_size=53, seed=4)
+
+
+@pytest.mark.parametrize("vec_pages", [True, False])
+def test_page_gather_modes(vec_pages):
+    # Several 4-token pages per 32-key tile: block-table entries per page, or per key.
+    cfg = (32, 32, 4, 1, vec_pages) if DEV == "cuda" else (16, 32, 1, 1, vec_pages)
+    run_case(6, 2, 64, torch.float16, lens=[75, 33], nsel=[20, 9], block_size=4, seed=12,
+             config=cfg)
 
 
 @pytest.mark.parametrize("splits", [2, 5])
