@@ -19,7 +19,6 @@ recomputed: no path leaves a claimed block unwritten.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,20 +237,8 @@ class BlendWorker:
                 self.stats.stored_chunks += 1
 
     def _write_traces(self, requests, seqs, selected, trace: BlendTrace) -> None:
-        os.makedirs(self.trace_dir, exist_ok=True)
-        for req, seq, sel in zip(requests, seqs, selected):
-            doc = {
-                "req_id": req.req_id,
-                "context": [seq.start, seq.end],
-                "chunks": [[c.start, c.end, c.key] for c in req.chunks],
-                "selected": sel.cpu().tolist(),
-                "deviation": {
-                    str(layer): trace.deviation_dense(layer, seq.start, seq.end).tolist()
-                    for layer in trace.deviation
-                },
-                "timings_ms": trace.timings_ms,
-            }
-            self.last_traces[req.req_id] = doc
-            safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in req.req_id)
-            with open(os.path.join(self.trace_dir, f"{safe}.json"), "w") as fh:
-                json.dump(doc, fh)
+        from blend.trace import write_batch
+
+        cfg = self._blender_for(requests[0].config).config
+        for doc in write_batch(self.trace_dir, trace, seqs, cfg, requests):
+            self.last_traces[doc["req_id"]] = doc

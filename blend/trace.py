@@ -1,0 +1,169 @@
+"""Per-request blend traces as JSON: what was measured, what was recomputed, how long it took.
+
+A `BlendTrace` (from `blend.blender`) holds tensors for a whole batch; this
+module turns it into one small JSON document per request that notebooks, the
+CLI and people can read without torch or the model:
+
+    {"version": 1, "req_id": "...", "context": [start, end],
+     "chunks": [[start, end, key or null], ...],
+     "check_layers": [1, ...],
+     "deviation": {"1": [d_start, ..., d_end-1], ...},   # null where not measured
+     "selected": [positions recomputed after the last check layer],
+     "timings_ms": {"blend": ..., ...}}
+
+Offline: `trace_from_result(HFBlender.prefill(...))`. Serving: the connector
+writes one file per blended request into `kv_connector_extra_config["trace_dir"]`
+(`write_request_trace`). `load_trace` reads either back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TRACE_VERSION = 1
+
+
+@dataclass
+class Trace:
+    """A trace read back from JSON (plain Python lists; NaN where a layer did not measure)."""
+
+    req_id: str
+    context: tuple[int, int]
+    chunks: list[tuple[int, int, str | None]]
+    deviation: dict[int, list[float]]
+    selected: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def check_layers(self) -> list[int]:
+        return sorted(self.deviation)
+
+    def positions(self) -> list[int]:
+        """Token positions the deviation lists are indexed by."""
+        return list(range(self.context[0], self.context[1]))
+
+    def recomputed_fraction(self) -> float:
+        n = self.context[1] - self.context[0]
+        return len(self.selected) / n if n else 0.0
+
+
+def _clean(xs: Sequence[float]) -> list[float | None]:
+    """Strict JSON: NaN (not measured) becomes null."""
+    return [None if (x is None or (isinstance(x, float) and math.isnan(x))) else float(x)
+            for x in xs]
+
+
+def make_doc(req_id: str, context: tuple[int, int], deviation: dict[int, Sequence[float]],
+             selected: Sequence[int], timings_ms: dict[str, float] | None = None,
+             chunks: Sequence[tuple[int, int, str | None]] = ()) -> dict[str, Any]:
+    """The JSON-ready trace document of one request."""
+    return {
+        "version": TRACE_VERSION,
+        "req_id": str(req_id),
+        "context": [int(context[0]), int(context[1])],
+        "chunks": [[int(s), int(e), k] for s, e, k in chunks],
+        "check_layers": sorted(int(k) for k in deviation),
+        "deviation": {str(k): _clean(v) for k, v in sorted(deviation.items())},
+        "selected": [int(p) for p in selected],
+        "timings_ms": {k: round(float(v), 3) for k, v in (timings_ms or {}).items()},
+    }
+
+
+def trace_from_result(result: Any, req_id: str = "offline",
+                      keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trace document of an offline `HFBlender.prefill` result (one sequence)."""
+    layout, trace = result.layout, result.trace
+    end = layout.context_len
+    dev = {layer: trace.deviation_dense(layer, 0, end).tolist() for layer in trace.deviation}
+    keys = list(keys) if keys is not None else [None] * len(layout.spans)
+    chunks = [(s, e, k) for (s, e), k in zip(layout.spans, keys)]
+    return make_doc(req_id, (0, end), dev, result.selected.tolist(), trace.timings_ms, chunks)
+
+
+def split_batch(trace: Any, seqs: Sequence[Any], config: Any) -> list[dict[int, list[float]]]:
+    """Per-sequence dense deviation from a trace of a batched `Blender.run`.
+
+    The blender concatenates the active tokens of all sequences, so positions
+    repeat across sequences; the per-sequence share at each check layer follows
+    from the same host arithmetic the blender uses (forced tokens + ceil(ratio *
+    cached), clamped), applied in order of the check layers.
+    """
+    import torch
+
+    from blend.config import num_recompute
+
+    lens = [int(s.token_ids.numel()) for s in seqs]
+    forced = [int(s.forced.sum()) if s.forced is not None else 0 for s in seqs]
+    cached = [n - f for n, f in zip(lens, forced)]
+    out: list[dict[int, list[float]]] = [{} for _ in seqs]
+    counts = list(lens)
+    for layer, ratio in zip(config.check_layers, config.ratios()):
+        if layer not in trace.deviation:
+            break  # the blend stopped early: nothing left to recompute
+        pos, dev = trace.deviation[layer]
+        at = 0
+        for b, s in enumerate(seqs):
+            p, d = pos[at:at + counts[b]], dev[at:at + counts[b]]
+            at += counts[b]
+            dense = torch.full((lens[b],), float("nan"))
+            dense[p - s.start] = d.float()
+            out[b][layer] = dense.tolist()
+        counts = [min(f + num_recompute(ratio, c), n) for f, c, n in zip(forced, cached, counts)]
+    return out
+
+
+def write_request_trace(directory: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    """Write `doc` to `<directory>/<req_id>.json` atomically (tmp + rename); returns the path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in doc["req_id"]) or "trace"
+    path = d / f"{safe}.json"
+    tmp = d / f".{safe}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+    return path
+
+
+def write_batch(directory: str | os.PathLike, trace: Any, seqs: Sequence[Any], config: Any,
+                requests: Sequence[Any]) -> list[dict[str, Any]]:
+    """One trace file per request of a blended batch (connector worker side)."""
+    docs = []
+    devs = split_batch(trace, seqs, config)
+    for req, seq, sel, dev in zip(requests, seqs, trace.selected, devs):
+        doc = make_doc(req.req_id, (seq.start, seq.end), dev, sel.tolist(), trace.timings_ms,
+                       [(c.start, c.end, c.key) for c in req.chunks])
+        write_request_trace(directory, doc)
+        docs.append(doc)
+    return docs
+
+
+def load_trace(source: str | os.PathLike | dict[str, Any]) -> Trace:
+    """Read a trace document (path or dict) back; raises ValueError if it is not one."""
+    doc = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    if not isinstance(doc, dict) or doc.get("version") != TRACE_VERSION:
+        raise ValueError(f"not a cacheblend trace (version {TRACE_VERSION}): {str(source)[:80]}")
+    nan = float("nan")
+    return Trace(
+        req_id=doc["req_id"],
+        context=(int(doc["context"][0]), int(doc["context"][1])),
+        chunks=[(int(s), int(e), k) for s, e, k in doc.get("chunks", [])],
+        deviation={int(k): [nan if x is None else float(x) for x in v]
+                   for k, v in doc["deviation"].items()},
+        selected=[int(p) for p in doc["selected"]],
+        timings_ms=dict(doc.get("timings_ms", {})),
+    )
+
+
+def load_dir(directory: str | os.PathLike) -> dict[str, Trace]:
+    """Every trace in a connector `trace_dir`, by request id."""
+    out = {}
+    for p in sorted(Path(directory).glob("*.json")):
+        t = load_trace(p)
+        out[t.req_id] = t
+    return out
