@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = bsub.add_parser("ttft", help="TTFT, plain vs blended prefill on real vLLM")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_bench_ttft)
+    from blend.cli_bench import add_quality_parser
+    from blend.cli_store import add_parsers
+
+    add_quality_parser(bsub)
+    add_parsers(sub)
     return ap
 
 

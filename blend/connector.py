@@ -130,6 +130,25 @@ class BlendConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a lost save is only a future miss
 
+    # ================================================================ stats
+    def get_kv_connector_stats(self) -> Any:
+        from blend.stats import collect
+
+        return collect(self._scheduler, self._worker)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        from blend.stats import BlendStats
+
+        return BlendStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from blend.stats import BlendPromMetrics
+
+        return BlendPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
 
 def _tokenizer(vllm_config: VllmConfig) -> Any:
     """The model's tokenizer, for separator mode in the scheduler process."""

@@ -96,6 +96,7 @@ class BlendScheduler:
             spans, params = self._spans(request)
         except SpanError as exc:
             self.stats["bad_spans"] += 1
+            self.stats["fallbacks"] += 1
             log.warning("request %s: bad chunk spans (%s); plain prefill", rid, exc)
             return 0, False
         spans = [s for s in spans if s[1] - s[0] >= self.min_chunk_tokens]
@@ -113,6 +114,7 @@ class BlendScheduler:
         if on_miss == "prefill" and not all(hits):
             log.debug("request %s: %d/%d chunks miss, on_miss=prefill: plain prefill",
                       rid, hits.count(False), len(hits))
+            self.stats["fallbacks"] += 1
             return 0, False
         override = params.get("cache_fuse_metadata")
         if override is not None:
@@ -120,6 +122,7 @@ class BlendScheduler:
                 override = BlendConfig.from_dict({**self.base_config, **override}).to_dict()
             except (ValueError, TypeError) as exc:
                 log.warning("request %s: bad cache_fuse_metadata (%s); plain prefill", rid, exc)
+                self.stats["fallbacks"] += 1
                 return 0, False
         self._plans[rid] = _Plan(spans, keys, hits, end, on_miss, num_computed_tokens, override)
         return end - num_computed_tokens, False

@@ -1,0 +1,130 @@
+"""CacheBlend metrics and traces read back from a real vLLM CPU engine (SmolLM2, real prose).
+
+One engine serves the module. Four requests: chunks computed on a miss, the
+same chunks reordered (all hits), a fallback to plain prefill (`on_miss=prefill`
+with a new chunk) and a chunk whose store entry is damaged (a counted store
+error, then computed). The numbers must arrive through vLLM's own connector
+stats path into `llm.get_metrics()` (Prometheus), and one JSON trace per
+blended request must land in `trace_dir`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+SYSTEM = "You are a helpful assistant. Answer the question using the documents."
+
+
+def _passages(n: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    keys = ["assert", "break", "continue", "del", "global", "pass", "raise", "return"]
+    return [" ".join(topics[k].split()[:90]) for k in keys[:n]]
+
+
+@pytest.fixture(scope="module")
+def run(smollm2_path, tmp_path_factory):
+    from vllm import LLM, SamplingParams
+
+    import blend
+    from blend.keys import chunk_key
+    from blend.store import format as fmt
+
+    root = tmp_path_factory.mktemp("metrics")
+    store, traces = root / "kv", root / "traces"
+    llm = LLM(model=smollm2_path, dtype="bfloat16", enforce_eager=True, max_model_len=2048,
+              gpu_memory_utilization=0.3, enable_prefix_caching=False, disable_log_stats=False,
+              kv_transfer_config=blend.kv_transfer_config(
+                  store=f"local:{store}", cache_fuse_metadata={"recomp_ratio": 0.15},
+                  trace_dir=str(traces)))
+    tok = llm.get_tokenizer()
+    sp = SamplingParams(max_tokens=4, temperature=0.0)
+    P = _passages(6)
+    prompts = {
+        "miss": blend.build_prompt(tok, SYSTEM, P[0:3], "What is the first document about?"),
+        "hit": blend.build_prompt(tok, SYSTEM, [P[2], P[0], P[1]], "Which keyword comes last?"),
+        "fallback": blend.build_prompt(tok, SYSTEM, [P[0], P[3]], "What is this about?",
+                                       on_miss="prefill"),
+        "damaged": blend.build_prompt(tok, SYSTEM, [P[4]], "Summarize the document."),
+    }
+    outs = {}
+    for name in ("miss", "hit", "fallback"):
+        outs[name] = llm.generate(prompts[name], sp, use_tqdm=False)[0]
+    # Damage P[4]'s entry before its first use: a valid file of another chunk under its key.
+    some = next(store.rglob("*.kv"))
+    fp = fmt.decode(some.read_bytes()[:65536]).fingerprint
+    p = prompts["damaged"]
+    s, e = p.spans[0]
+    key = chunk_key(fp, p.prompt_token_ids[s:e])
+    (store / key[:2]).mkdir(exist_ok=True)
+    shutil.copy(some, store / key[:2] / f"{key}.kv")
+    outs["damaged"] = llm.generate(p, sp, use_tqdm=False)[0]
+    metrics = llm.get_metrics()
+    yield {"metrics": metrics, "outs": outs, "prompts": prompts, "traces": traces}
+    del llm
+
+
+def _values(metrics, name: str) -> dict[tuple, float]:
+    from vllm.v1.metrics.reader import Counter, Gauge
+
+    return {tuple(sorted(m.labels.items())): m.value for m in metrics
+            if m.name == name and isinstance(m, (Counter, Gauge))}
+
+
+def _one(metrics, name: str) -> float:
+    vals = _values(metrics, name)
+    assert vals, f"{name} not exported; have {sorted({m.name for m in metrics if 'blend' in m.name})}"
+    return sum(vals.values())
+
+
+def test_counters_reach_prometheus(run):
+    m = run["metrics"]
+    assert _one(m, "vllm:cacheblend_blended_requests") == 3  # miss, hit, damaged
+    assert _one(m, "vllm:cacheblend_chunk_lookups") == 7  # 3 + 3 + 1
+    assert _one(m, "vllm:cacheblend_chunk_hits") == 3  # the reordered request, all of it
+    assert _one(m, "vllm:cacheblend_computed_chunks") == 4  # 3 misses + the damaged entry
+    assert _one(m, "vllm:cacheblend_stored_chunks") == 4
+    assert _one(m, "vllm:cacheblend_fallbacks") == 1
+    blended = _one(m, "vllm:cacheblend_blended_tokens")
+    recomputed = _one(m, "vllm:cacheblend_recomputed_tokens")
+    ctx = sum(p.spans[-1][1] for k, p in run["prompts"].items() if k != "fallback")
+    assert blended == ctx
+    assert 0.15 * blended <= recomputed < 0.5 * blended  # r=0.15 of chunks, plus forced prefix
+    assert _one(m, "vllm:cacheblend_loaded_bytes") > 0
+    assert _one(m, "vllm:cacheblend_load_gbps") > 0
+    assert _one(m, "vllm:cacheblend_blend_milliseconds") > 0
+
+
+def test_store_errors_by_reason(run):
+    errs = _values(run["metrics"], "vllm:cacheblend_store_errors")
+    by_reason = {dict(k)["reason"]: v for k, v in errs.items()}
+    assert by_reason == {"wrong_key": 1}
+
+
+def test_blend_time_histogram(run):
+    from vllm.v1.metrics.reader import Histogram
+
+    h = [m for m in run["metrics"] if m.name == "vllm:cacheblend_blend_step_milliseconds"
+         and isinstance(m, Histogram)]
+    assert h and sum(x.count for x in h) == 3 and sum(x.sum for x in h) > 0
+
+
+def test_per_request_report_and_traces(run):
+    from blend.trace import load_dir
+
+    rep = run["outs"]["hit"].kv_transfer_params["blend"]
+    assert rep["chunk_hits"] == rep["chunks"] == 3
+    traces = load_dir(run["traces"])
+    assert len(traces) == 3
+    for t in traces.values():
+        n = t.context[1] - t.context[0]
+        assert t.check_layers == [1] and len(t.deviation[1]) == n
+        assert 0.15 <= t.recomputed_fraction() < 0.5
+        assert t.timings_ms["blend"] > 0
+        assert len(t.chunks) >= 1 and all(len(c[2]) == 64 for c in t.chunks)
+    assert Path(run["traces"]).is_dir()
