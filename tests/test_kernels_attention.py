@@ -59,11 +59,21 @@ def test_contiguous_cache_and_all_positions():
     run_case(3, 1, 64, torch.float32, lens=[53], nsel=[53], block_size=53, seed=4)
 
 
-@pytest.mark.parametrize("vec_pages", [True, False])
-def test_page_gather_modes(vec_pages):
-    # Several 4-token pages per 32-key tile: block-table entries per page, or per key.
-    cfg = (32, 32, 4, 1, vec_pages) if DEV == "cuda" else (16, 32, 1, 1, vec_pages)
+def test_several_pages_per_key_tile():
+    # Eight 4-token pages in every 32-key tile.
+    cfg = (32, 32, 4, 1) if DEV == "cuda" else (16, 32, 1, 1)
     run_case(6, 2, 64, torch.float16, lens=[75, 33], nsel=[20, 9], block_size=4, seed=12,
+             config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                                 (128, 128, 8, 3), (64, 64, 4, 3)])
+def test_gpu_benchmark_configs(cfg):
+    # Every tile shape the benchmark sweeps must be right too (a pipelining race shows here).
+    run_case(32, 8, 128, torch.bfloat16, lens=[3001], nsel=[600], block_size=16, seed=13,
+             config=cfg)
+    run_case(32, 8, 128, torch.bfloat16, lens=[3001], nsel=[600], block_size=3001, seed=14,
              config=cfg)
 
 

@@ -67,12 +67,12 @@ def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
             qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
             MASK: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
             HEAD_DIM: tl.constexpr, ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr,
-            VEC_PAGES: tl.constexpr, IEEE: tl.constexpr):
+            IEEE: tl.constexpr):
     """Online-softmax pass over keys [lo, hi); MASK applies the causal mask by position.
 
     Without MASK every key of [lo, hi) is inside the request and seen by every
-    row, so loads go unpredicated. VEC_PAGES reads one block-table entry per
-    page of the tile (not one per key) and expands it in registers.
+    row, so loads go unpredicated. (Reading one block-table entry per page and
+    expanding it with tl.reshape measured 40% slower on the H100: layout shuffles.)
     """
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
@@ -84,26 +84,15 @@ def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
             koff = j.to(tl.int64) * s_ko
             voff = j.to(tl.int64) * s_vo
         else:
-            if VEC_PAGES:  # PAGE divides BLOCK_N and start
-                pg = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
-                if MASK:
-                    blk = tl.load(bt_row + pg * s_btn, mask=pg * PAGE < kv_end, other=0)
-                else:
-                    blk = tl.load(bt_row + pg * s_btn)
-                blk = blk.to(tl.int64)
-                o = tl.arange(0, PAGE).to(tl.int64)
-                koff = tl.reshape(blk[:, None] * s_kb + o[None, :] * s_ko, [BLOCK_N])
-                voff = tl.reshape(blk[:, None] * s_vb + o[None, :] * s_vo, [BLOCK_N])
+            if PAGE > 0:  # power-of-two page: shifts and masks instead of divisions
+                pg = j // PAGE
+                o = (j % PAGE).to(tl.int64)
             else:
-                if PAGE > 0:  # power-of-two page: shifts and masks instead of divisions
-                    pg = j // PAGE
-                    o = (j % PAGE).to(tl.int64)
-                else:
-                    pg = j // block_size
-                    o = (j % block_size).to(tl.int64)
-                blk = tl.load(bt_row + pg * s_btn, mask=j_ok, other=0).to(tl.int64)
-                koff = blk * s_kb + o * s_ko
-                voff = blk * s_vb + o * s_vo
+                pg = j // block_size
+                o = (j % block_size).to(tl.int64)
+            blk = tl.load(bt_row + pg * s_btn, mask=j_ok, other=0).to(tl.int64)
+            koff = blk * s_kb + o * s_ko
+            voff = blk * s_vb + o * s_vo
         kp = kbase + koff[None, :] + d[:, None] * s_kd
         if PRED:
             kt = tl.load(kp, mask=j_ok[None, :] & d_ok[:, None], other=0.0)
@@ -148,7 +137,7 @@ def _selected_attention_kernel(
     WS_M, WS_ACC,  # split-KV partials: [splits, Nq, Hq] and [splits, Nq, Hq, D_PAD] fp32
     NUM_SPLITS: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr, VEC_PAGES: tl.constexpr, IEEE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Flat grid, heaviest tiles first across all KV heads: the hardware hands out
     # programs in order, which makes this a longest-job-first schedule.
@@ -213,12 +202,10 @@ def _selected_attention_kernel(
     k_mid = tl.maximum(tl.minimum(full_end, k_hi), k_lo)  # [k_lo, k_mid) needs no mask
     m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, k_lo, k_mid, kv_end,
                             qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
-                            False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, VEC_PAGES,
-                            IEEE)
+                            False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
     m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, k_mid, k_hi,
                             kv_end, qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
-                            s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, VEC_PAGES,
-                            IEEE)
+                            s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
 
     if NUM_SPLITS > 1:
         r = (split * n_q.to(tl.int64) + tok.to(tl.int64)) * (NUM_KV * G) + head
@@ -279,7 +266,7 @@ def _num_splits(device: torch.device, programs: int, seq_lens) -> int:
 
 
 def _config(head_dim: int, group: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, vec_pages]); from the H100 sweeps (bench/kernels.py)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); from the H100 sweeps (bench/kernels.py)."""
     if INTERPRET:
         return 16, 16, 1, 1
     if head_dim <= 64:
@@ -296,7 +283,7 @@ def selected_attention(
     block_table: torch.Tensor,
     seq_lens: Sequence[int] | torch.Tensor,
     scale: float,
-    config: tuple | None = None,
+    config: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -314,8 +301,7 @@ def selected_attention(
     if nq == 0 or nreq == 0:
         return out
     group = hq // hkv
-    bm, bn, warps, stages, *rest = config or _config(dim, group)
-    vec_pages = rest[0] if rest else True
+    bm, bn, warps, stages = config or _config(dim, group)
     tok = max(1, bm // group)
     bm = triton.next_power_of_2(tok * group)
     dev = q.device
@@ -332,7 +318,6 @@ def selected_attention(
     bs = k_cache.shape[1]
     page = bs if bs & (bs - 1) == 0 and bs <= 4096 else 0
     one_block = block_table.shape[1] == 1
-    vec_pages = bool(vec_pages and not one_block and 0 < page < bn and bn % page == 0)
     _selected_attention_kernel[(programs * splits,)](
         q, k_cache, v_cache, out, q_pos, cu_q_t, block_table, seq_t,
         scale * LOG2E, nreq, nq, k_cache.shape[1],
@@ -340,7 +325,7 @@ def selected_attention(
         *block_table.stride(), ws_m, ws_acc,
         NUM_SPLITS=splits, NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
         HEAD_DIM=dim, D_PAD=d_pad,
-        ONE_BLOCK=one_block, PAGE=page, VEC_PAGES=vec_pages,
+        ONE_BLOCK=one_block, PAGE=page,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
         num_warps=warps, num_stages=stages,
     )
