@@ -104,26 +104,37 @@ class BlendWorker:
 
         identity = vllm_identity(self.vllm_config, get_tensor_model_parallel_rank())
         adapter = vllm_adapter_for(captured_model(), identity)
-        self.blender = Blender(adapter, self.config)
         self.store = open_store(self.extra.get("store"), model_fingerprint(**identity))
         names = sorted(kv_caches, key=_layer_index)
         if len(names) != adapter.num_layers:
             raise RuntimeError(f"cacheblend: {len(names)} KV cache layers for a "
                                f"{adapter.num_layers}-layer model")
-        ks, vs = [], []
+        ks, vs, raw = [], [], {}
         layout = None
+        backend = self._backend_name(names[0])
         for name in names:
-            backend = self._backend_name(name)
+            if self._backend_name(name) != backend:
+                raise RuntimeError("cacheblend: layers use different attention backends")
             kv = kv_caches[name]
             if backend == "CPU_ATTN" and layout is None:
                 layout = self._probe_cpu(kv, adapter)
             k, v = layer_views(kv, backend, layout)
             ks.append(k)
             vs.append(v)
+            raw[k.data_ptr()] = kv
         self.kv = VllmPagedKV(ks, vs, self.block_size)
-        log.info("worker ready: %s, %d layers, block size %d, backend %s, store %s",
-                 type(adapter.model).__name__, adapter.num_layers, self.block_size,
-                 self._backend_name(names[0]), type(self.store).__name__)
+        ops = None
+        if backend == "CPU_ATTN" and self.config.attention_backend == "auto":
+            # vLLM's own CPU kernel: the context KV then matches plain vLLM's (see the module).
+            from blend.connector_attention import VllmCpuAttention, vllm_cpu_ops
+
+            ops = vllm_cpu_ops(VllmCpuAttention(raw, self._isa, adapter.num_q_heads,
+                                                adapter.num_kv_heads, adapter.head_dim,
+                                                self.block_size))
+        self.blender = Blender(adapter, self.config, ops=ops)
+        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, store %s",
+                 type(adapter.model).__name__, adapter.num_layers, self.block_size, backend,
+                 self.blender.ops.name, type(self.store).__name__)
 
     def _backend_name(self, layer_name: str) -> str:
         layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
@@ -136,8 +147,9 @@ class BlendWorker:
         if cache_dtype not in (None, "auto"):
             raise RuntimeError(f"cacheblend: kv_cache_dtype {cache_dtype!r} is not supported "
                                "(quantized KV cannot be blended); use 'auto'")
-        isa = _get_attn_isa(kv.dtype, self.block_size, adapter.head_dim, cache_dtype)
-        return probe_cpu_layout(isa, kv.shape[1], self.block_size, adapter.head_dim, kv.dtype)
+        self._isa = _get_attn_isa(kv.dtype, self.block_size, adapter.head_dim, cache_dtype)
+        return probe_cpu_layout(self._isa, kv.shape[1], self.block_size, adapter.head_dim,
+                                kv.dtype)
 
     # ------------------------------------------------------------------ per step
     def _chunk_kv(self, req: BlendRequest, i: int) -> torch.Tensor | None:
