@@ -122,24 +122,40 @@ def settings(ratios, base: dict) -> dict[str, tuple[str, dict | None]]:
     return out
 
 
-def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32) -> dict:
+# What each knob does at r=0.15 (prefill metrics only; reported in the closing note).
+VARIANTS = {
+    "check_layers=[2]": {"check_layers": [2]},
+    "check_layers=[4]": {"check_layers": [4]},
+    "deviation=k_l2": {"deviation": "k_l2"},
+    "deviation=k_l1": {"deviation": "k_l1"},
+    "deviation=kv_l2": {"deviation": "kv_l2"},
+    "sink_tokens=1": {"sink_tokens": 1},
+    "sink_tokens=4": {"sink_tokens": 4},
+    "gradual [1,2,4]: .3/.2/.15": {"check_layers": [1, 2, 4], "recomp_ratios": [0.3, 0.2, 0.15]},
+    "gradual [2,4]: .3/.15": {"check_layers": [2, 4], "recomp_ratios": [0.3, 0.15]},
+}
+
+
+def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bool = False) -> dict:
     prompts = prose_prompts(n)
     acc: dict[str, dict[str, list[float]]] = {}
+    runs = {k: (*v, True) for k, v in settings(ratios, base).items() if k != "full"}
+    if variants:
+        runs.update({f"variant@0.15 {k}": ("blend", {**base, "recomp_ratio": 0.15, **v}, False)
+                     for k, v in VARIANTS.items()})
     for i, (chunks, q) in enumerate(prompts):
         full = hb.prefill(SYSTEM, chunks, q, "full")
         full_gen = hb.generate(SYSTEM, chunks, q, "full", gen_tokens)
-        for name, (mode, meta) in settings(ratios, base).items():
-            if name == "full":
-                continue
+        for name, (mode, meta, gen_too) in runs.items():
             res = hb.prefill(SYSTEM, chunks, q, mode, meta)
-            gen = hb.generate(SYSTEM, chunks, q, mode, gen_tokens, meta)
-            m = acc.setdefault(name, {"kl": [], "top1": [], "gen_exact": [], "gen_prefix": [],
-                                      "recomputed": []})
+            m = acc.setdefault(name, {"kl": [], "top1": [], "recomputed": []})
             m["kl"].append(kl(full.logits, res.logits))
             m["top1"].append(float((full.logits.argmax(-1) == res.logits.argmax(-1)).float().mean()))
-            m["gen_exact"].append(float(gen == full_gen))
-            m["gen_prefix"].append(prefix_len(gen, full_gen))
             m["recomputed"].append(res.selected.numel() / full.layout.context_len)
+            if gen_too:
+                gen = hb.generate(SYSTEM, chunks, q, mode, gen_tokens, meta)
+                m.setdefault("gen_exact", []).append(float(gen == full_gen))
+                m.setdefault("gen_prefix", []).append(prefix_len(gen, full_gen))
         print(f"  prose {i + 1}/{n}: ctx {full.layout.context_len} tok, q {len(full.layout.suffix)} tok",
               file=sys.stderr)
     out = {"full": {"kl": 0.0, "top1": 1.0, "gen_exact": 1.0, "gen_prefix": float(gen_tokens)}}
@@ -202,6 +218,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["prose", "squad"])
     ap.add_argument("--n", type=int, default=None, help="prompts (prose 20, squad 40 by default)")
     ap.add_argument("--meta", default="{}", help="extra cache_fuse_metadata as JSON")
+    ap.add_argument("--variants", action="store_true",
+                    help="also measure each knob's effect at r=0.15 (prefill metrics only)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = ap.parse_args()
     base = json.loads(args.meta)
@@ -210,12 +228,13 @@ def main() -> None:
     t0 = time.time()
     if args.only in (None, "prose"):
         hb = load("SmolLM2-135M-Instruct")
-        r = run_prose(hb, args.n or 20, RATIOS, base)
+        r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants)
         results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
-        print(f"{'setting':<14}{'KL':>9}{'top1':>8}{'gen_exact':>11}{'gen_prefix':>12}")
+        print(f"{'setting':<44}{'KL':>9}{'top1':>8}{'gen_exact':>11}{'gen_prefix':>12}")
         for k, v in r.items():
             if not k.startswith("_"):
-                print(f"{k:<14}{v['kl']:>9.4f}{v['top1']:>8.3f}{v['gen_exact']:>11.2f}{v['gen_prefix']:>12.1f}")
+                print(f"{k:<44}{v['kl']:>9.4f}{v['top1']:>8.3f}"
+                      f"{v.get('gen_exact', float('nan')):>11.2f}{v.get('gen_prefix', float('nan')):>12.1f}")
     if args.only in (None, "squad"):
         hb = load("Qwen2.5-Coder-0.5B-Instruct")
         r = run_squad(hb, args.n or 40, base)
