@@ -229,7 +229,7 @@ class BlendWorker:
             placements += pl
         trace = BlendTrace() if self.trace_dir else None
         out = blender.run(seqs, self.kv, blend=True, trace=trace,
-                          layer_hook=layer_loader(blender, self.kv, placements))
+                          layer_hook=_hook(layer_loader(blender, self.kv, placements), trace))
         st = self.stats
         st.blended_requests += len(requests)
         st.blended_tokens += sum(int(s.token_ids.numel()) for s in seqs)
@@ -254,3 +254,12 @@ class BlendWorker:
         cfg = self._blender_for(requests[0].config).config
         for doc in write_batch(self.trace_dir, trace, seqs, cfg, requests):
             self.last_traces[doc["req_id"]] = doc
+
+
+def _hook(hook, trace: BlendTrace | None):
+    """With tracing on, time each layer's load and compute (blend.trace.timed_layer_hook)."""
+    if trace is None:
+        return hook
+    from blend.trace import timed_layer_hook
+
+    return timed_layer_hook(hook, trace)

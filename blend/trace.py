@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,33 @@ def split_batch(trace: Any, seqs: Sequence[Any], config: Any) -> list[dict[int, 
             out[b][layer] = dense.tolist()
         counts = [min(f + num_recompute(ratio, c), n) for f, c, n in zip(forced, cached, counts)]
     return out
+
+
+def timed_layer_hook(hook: Callable[[int], None], trace: Any) -> Callable[[int], None]:
+    """Wrap a blender `layer_hook` to record per-layer times in `trace.timings_ms`.
+
+    `load.<l>`: time inside the hook (chunk KV copy + RoPE re-rotation of layer l);
+    `layer.<l>`: time from the end of layer l's hook to the next hook (layer l's
+    compute); `load` and `layers`: their sums. Host wall clock: on CUDA it
+    measures enqueue time unless the work syncs, so use it on CPU or with
+    CUDA_LAUNCH_BLOCKING=1.
+    """
+    tm = trace.timings_ms
+    state: dict[str, Any] = {"t": None, "prev": None}
+
+    def run(layer: int) -> None:
+        t0 = time.perf_counter()
+        if state["prev"] is not None:
+            ms = (t0 - state["t"]) * 1e3
+            tm[f"layer.{state['prev']}"] = ms
+            tm["layers"] = tm.get("layers", 0.0) + ms
+        hook(layer)
+        t1 = time.perf_counter()
+        tm[f"load.{layer}"] = (t1 - t0) * 1e3
+        tm["load"] = tm.get("load", 0.0) + (t1 - t0) * 1e3
+        state.update(t=t1, prev=layer)
+
+    return run
 
 
 def write_request_trace(directory: str | os.PathLike, doc: dict[str, Any]) -> Path:

@@ -11,7 +11,13 @@ from blend.chunk_kv import Placement, layer_loader
 from blend.config import BlendConfig
 from blend.kv import PagedKV, slots_for
 from blend.offline import HFBlender
-from blend.trace import load_dir, load_trace, trace_from_result, write_batch
+from blend.trace import (
+    load_dir,
+    load_trace,
+    timed_layer_hook,
+    trace_from_result,
+    write_batch,
+)
 
 SYSTEM = "You are a helpful assistant. Answer the question using the documents."
 META = {"check_layers": [1, 3], "recomp_ratios": [0.5, 0.2]}
@@ -77,8 +83,11 @@ def test_batched_blend_splits_per_request(hb, prose_chunks, tmp_path):
     kv = PagedKV.like(hb.adapter, 4096)  # both in one batch, as the worker runs a step
     seqs, pls = zip(*[_blend_seq(hb, kv, SYSTEM, c, q) for c, q in prompts])
     tr = BlendTrace()
-    hb.blender.run(list(seqs), kv, blend=True, trace=tr,
-                   layer_hook=layer_loader(hb.blender, kv, [p for pl in pls for p in pl]))
+    hook = timed_layer_hook(layer_loader(hb.blender, kv, [p for pl in pls for p in pl]), tr)
+    hb.blender.run(list(seqs), kv, blend=True, trace=tr, layer_hook=hook)
+    L = hb.adapter.num_layers
+    assert [f"load.{i}" in tr.timings_ms for i in range(L)] == [True] * L
+    assert 0 < tr.timings_ms["layers"] <= tr.timings_ms["blend"]
     reqs = [_Req(f"req-{i}", s) for i, s in enumerate(seqs)]
     docs = write_batch(tmp_path, tr, seqs, cfg, reqs)
     back = load_dir(tmp_path)

@@ -126,5 +126,8 @@ def test_per_request_report_and_traces(run):
         assert t.check_layers == [1] and len(t.deviation[1]) == n
         assert 0.15 <= t.recomputed_fraction() < 0.5
         assert t.timings_ms["blend"] > 0
+        # per-layer load (copy + re-rotation) and compute times, every layer of the 30
+        assert t.timings_ms["load"] > 0 and all(f"load.{i}" in t.timings_ms for i in range(30))
+        assert 0 < t.timings_ms["layers"] <= t.timings_ms["blend"]
         assert len(t.chunks) >= 1 and all(len(c[2]) == 64 for c in t.chunks)
     assert Path(run["traces"]).is_dir()
