@@ -1,0 +1,409 @@
+"""BlendConnector inside the real vLLM engine (CPU, SmolLM2, real prose).
+
+One engine with the connector serves the whole module. References come from
+plain vLLM *without* the connector, run in a fresh process (this file run as
+a script) with the same engine arguments; a second fresh process checks
+that a new engine on the same store hits (persistence).
+
+Covers: (a) exactness at recomp_ratio=1.0, (b) reuse in another order and
+position with KL at r=0.15, (c) persistence across processes, (d) 16 mixed
+concurrent requests, (e) bad input, plus vLLM prefix-cache cooperation and
+chunked prefill of a long question.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+# fp32, like the engine issue's exactness and KL targets. In bf16 even plain vLLM's
+# output depends on how its scheduler groups a prompt into steps: its CPU attention
+# kernel gives last-bit different rows for one 900-token step than for 512 + 388
+# (measured), and greedy decoding flips on such near-ties.
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096,
+              gpu_memory_utilization=0.3, max_num_batched_tokens=512, max_logprobs=50, seed=0)
+SEP = "\n###\n"
+GEN = 32
+KL_TARGET = 0.036  # engine issue: plain CacheBlend at r=0.15 on SmolLM2
+
+
+def _passages(n: int, size: int = 700) -> list[str]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for k in sorted(topics):
+        t = " ".join(topics[k].split())
+        if len(t) >= size:
+            cut = t[:size]
+            out.append(cut[: cut.rfind(" ")])
+        if len(out) == n:
+            break
+    return out
+
+
+QUESTIONS = ["What is the first passage about?", "Summarize the second passage in one sentence.",
+             "Which Python statement is described last?", "Name one keyword mentioned above.",
+             "What does the third passage explain?"]
+
+
+def _cases(tok) -> dict:
+    """All prompts of the module, as token ids (+ spans), built once in the test process."""
+    from blend.api import build_prompt
+
+    P = _passages(53)
+    sys_a, sys_b = "You are a helpful assistant.", "Answer briefly, using only the documents below."
+    exact = [build_prompt(tok, sys_a, P[4 * i: 4 * i + 4], QUESTIONS[i],
+                          cache_fuse_metadata={"recomp_ratio": 1.0}) for i in range(5)]
+    reuse_src = [build_prompt(tok, sys_a, P[20 + 4 * i: 24 + 4 * i], QUESTIONS[i]) for i in range(5)]
+    reuse = [build_prompt(tok, sys_b, [P[22 + 4 * i], P[20 + 4 * i], P[23 + 4 * i], P[21 + 4 * i]],
+                          QUESTIONS[(i + 1) % 5]) for i in range(5)]
+    long_q = " ".join(P[40:44]) + " Given all of this, what is the first passage about?"
+    # Fresh chunks: vLLM's prefix cache must not already hold this context.
+    longq = build_prompt(tok, sys_a, P[44:48], long_q, cache_fuse_metadata={"recomp_ratio": 1.0})
+    plain_texts = [f"Question {i}: explain the Python keyword {w} in two sentences."
+                   for i, w in enumerate(["yield", "lambda", "with", "async", "global"])]
+    sep_texts = [sys_b + SEP + SEP.join(P[48 + (i % 3): 51 + (i % 3)]) + SEP + QUESTIONS[i]
+                 for i in range(5)]
+    return {
+        "exact": [(p.prompt_token_ids, p.spans) for p in exact],
+        "reuse_src": [(p.prompt_token_ids, p.spans) for p in reuse_src],
+        "reuse": [(p.prompt_token_ids, p.spans) for p in reuse],
+        "longq": (longq.prompt_token_ids, longq.spans),
+        "plain": [tok(t).input_ids for t in plain_texts],
+        "sep_texts": sep_texts,
+    }
+
+
+def _kl_params():
+    """Top-50 logprobs at every question token. `prompt_logprobs` turns external KV off
+    unless `skip_reading_prefix_cache=False` is explicit (vLLM 0.32 `SamplingParams`)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0, logprobs=50, prompt_logprobs=50,
+                          skip_reading_prefix_cache=False, detokenize=False)
+
+
+def _question_logprobs(out, context_end: int) -> list[dict[str, float]]:
+    """Next-token distributions (top-50) at each question token, as {token: logprob}.
+
+    `prompt_logprobs[i]` predicts token i, so the rows at question tokens are
+    `i = context_end + 1 ..`, then the first generated position.
+    """
+    rows = list(out.prompt_logprobs[context_end + 1:]) + [out.outputs[0].logprobs[0]]
+    return [{str(t): lp.logprob for t, lp in r.items() if t >= 0} for r in rows]
+
+
+# ----------------------------------------------------------------- subprocess side
+def _reference(model: str, cases: dict, out_path: str) -> None:
+    """Plain vLLM, no connector: greedy tokens and top-k logprobs for every case."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, **ENGINE)
+    sp = SamplingParams(max_tokens=GEN, temperature=0.0)
+    prompts = ([ids for ids, _ in cases["exact"]] + [ids for ids, _ in cases["reuse"]]
+               + [cases["longq"][0]] + cases["plain"])
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp, use_tqdm=False)
+    res = [{"tokens": list(o.outputs[0].token_ids)} for o in outs]
+    qouts = llm.generate([{"prompt_token_ids": ids} for ids, _ in cases["reuse"]], _kl_params(),
+                         use_tqdm=False)
+    for r, o, (_, spans) in zip(res[len(cases["exact"]):], qouts, cases["reuse"]):
+        r["question_logprobs"] = _question_logprobs(o, spans[-1][1])
+    with open(out_path, "w") as fh:
+        json.dump(res, fh)
+
+
+def _persistence(model: str, store: str, ids: list[int], spans: list, out_path: str) -> None:
+    """A new engine in a new process on the same store: does it hit?"""
+    from vllm import LLM, SamplingParams
+
+    import blend
+
+    ktc = blend.kv_transfer_config(store=f"local:{store}")
+    llm = LLM(model=model, kv_transfer_config=ktc, **ENGINE)
+    p = blend.BlendPrompt(ids, spans)
+    out = llm.generate(p, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
+    with open(out_path, "w") as fh:
+        json.dump({"report": (out.kv_transfer_params or {}).get("blend"),
+                   "tokens": list(out.outputs[0].token_ids)}, fh)
+
+
+def _spawn(*args: str) -> None:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def cases(tok):
+    return _cases(tok)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path, cases, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    (d / "cases.json").write_text(json.dumps(cases))
+    _spawn("reference", smollm2_path, str(d / "cases.json"), str(d / "out.json"))
+    res = json.loads((d / "out.json").read_text())
+    n_exact, n_reuse = len(cases["exact"]), len(cases["reuse"])
+    return {"exact": res[:n_exact], "reuse": res[n_exact:n_exact + n_reuse],
+            "longq": res[n_exact + n_reuse], "plain": res[n_exact + n_reuse + 1:]}
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("kvstore"))
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path, store_dir, reference):  # reference first: one engine at a time
+    from vllm import LLM
+
+    import blend
+
+    ktc = blend.kv_transfer_config(store=f"local:{store_dir}", separator=SEP,
+                                   cache_fuse_metadata={"recomp_ratio": 0.15})
+    engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)
+    yield engine
+    del engine
+
+
+def _sp(**kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"max_tokens": GEN, "temperature": 0.0, **kw})
+
+
+def _report(out) -> dict:
+    return (out.kv_transfer_params or {}).get("blend") or {}
+
+
+def _kl(ref_rows: list[dict], got_rows: list[dict]) -> float:
+    """Mean KL(plain || blend) over the question tokens' next-token distributions.
+
+    From vLLM's top-50 logprobs: the sum runs over plain's top-50 (the tail mass
+    is negligible); a token missing from the blend's top-50 gets the blend's
+    smallest returned logprob.
+    """
+    assert len(ref_rows) == len(got_rows) and ref_rows
+    kls = []
+    for ref, got in zip(ref_rows, got_rows):
+        floor = min(got.values())
+        kls.append(sum(math.exp(lp) * (lp - got.get(t, floor)) for t, lp in ref.items()))
+    return sum(kls) / len(kls)
+
+
+# ----------------------------------------------------------------- tests
+pytestmark = pytest.mark.vllm
+
+
+def test_a_exact_at_ratio_one(llm, cases, reference):
+    """recomp_ratio=1.0 through the whole connector: greedy tokens identical to plain vLLM."""
+    import blend
+
+    prompts = [blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0})
+               for ids, spans in cases["exact"]]
+    outs = llm.generate(prompts, _sp(), use_tqdm=False)
+    for i, (o, ref) in enumerate(zip(outs, reference["exact"])):
+        rep = _report(o)
+        assert rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
+        assert list(o.outputs[0].token_ids) == ref["tokens"], i
+
+
+def test_prefix_cache_cooperation(llm, cases, reference):
+    """The same prompt again: vLLM's prefix cache holds whole blocks, the blend covers the rest."""
+    import blend
+
+    ids, spans = cases["exact"][0]
+    o = llm.generate(blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0}),
+                     _sp(), use_tqdm=False)[0]
+    rep = _report(o)
+    # Either the whole context is cached (connector not asked) or only the tail is blended.
+    assert not rep or (rep["num_local"] > 0 and rep["num_local"] % 128 == 0), rep
+    assert list(o.outputs[0].token_ids) == reference["exact"][0]["tokens"]
+
+
+def test_chunked_prefill_long_question(llm, cases, reference):
+    """A question longer than the step budget (512) is prefilled over several steps."""
+    import blend
+
+    ids, spans = cases["longq"]
+    assert len(ids) - spans[-1][1] > ENGINE["max_num_batched_tokens"]
+    o = llm.generate(blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0}),
+                     _sp(), use_tqdm=False)[0]
+    assert _report(o)["num_external"] > 0
+    assert list(o.outputs[0].token_ids) == reference["longq"]["tokens"]
+
+
+def test_b_reuse_other_order_and_position(llm, cases, reference):
+    """Chunks stored by one request serve a later one in another order at other positions."""
+    import blend
+
+    src = [blend.BlendPrompt(ids, spans) for ids, spans in cases["reuse_src"]]
+    llm.generate(src, _sp(max_tokens=1), use_tqdm=False)  # misses: computed and stored
+    later = [blend.BlendPrompt(ids, spans) for ids, spans in cases["reuse"]]
+    outs = llm.generate(later, _kl_params(), use_tqdm=False)
+    kls = []
+    for o, ref, (_, spans) in zip(outs, reference["reuse"], cases["reuse"]):
+        rep = _report(o)
+        assert rep["num_external"] > 0 and rep["chunk_hit_tokens"] / rep["chunk_tokens"] >= 0.99, rep
+        kls.append(_kl(ref["question_logprobs"], _question_logprobs(o, spans[-1][1])))
+    mean_kl = sum(kls) / len(kls)
+    print(f"reuse KL at r=0.15 per prompt {kls}, mean {mean_kl:.4f}")
+    assert mean_kl <= KL_TARGET, kls
+
+
+def test_c_persistence_in_a_new_process(llm, cases, store_dir, smollm2_path, tmp_path):
+    """A fresh engine in a fresh process on the same store finds every stored chunk."""
+    ids, spans = cases["reuse"][0]
+    out = tmp_path / "persist.json"
+    _spawn("persistence", smollm2_path, store_dir, json.dumps([ids, spans]), str(out))
+    rep = json.loads(out.read_text())["report"]
+    assert rep and rep["chunks"] == 4 and rep["chunk_hits"] == 4, rep
+
+
+def test_d_sixteen_concurrent_mixed(llm, cases, reference):
+    """Blended, plain and separator-mode requests in one batch: all finish, plain ones exact."""
+    import blend
+
+    blended = [blend.BlendPrompt(ids, spans) for ids, spans in cases["reuse"][:3]]
+    blended += [blend.BlendPrompt(ids, spans) for ids, spans in cases["exact"][:3]]
+    plain = [{"prompt_token_ids": ids} for ids in cases["plain"]]
+    seps = cases["sep_texts"]
+    prompts = blended + plain + seps
+    kinds = ["blend"] * len(blended) + ["plain"] * len(plain) + ["sep"] * len(seps)
+    order = [i for pair in zip(range(0, 16, 2), range(1, 16, 2)) for i in pair]  # interleave
+    assert len(prompts) == 16
+    outs = llm.generate([prompts[i] for i in order], _sp(), use_tqdm=False)
+    by_kind = {"blend": [], "plain": [], "sep": []}
+    for i, o in zip(order, outs):
+        assert o.finished and len(o.outputs[0].token_ids) > 0
+        by_kind[kinds[i]].append((i, o))
+    for i, o in by_kind["plain"]:
+        assert not _report(o)
+        assert list(o.outputs[0].token_ids) == reference["plain"][i - len(blended)]["tokens"]
+    for _, o in by_kind["blend"]:
+        assert _report(o)["chunks"] == 4
+    for _, o in by_kind["sep"]:
+        assert _report(o)["chunks"] == 3, _report(o)
+
+
+def test_e_bad_spans_at_the_api():
+    import blend
+    from blend.segments import SpanError
+
+    with pytest.raises(SpanError, match="overlaps"):
+        blend.BlendPrompt(list(range(10)), [(0, 5), (4, 8)])
+    with pytest.raises(SpanError, match="outside"):
+        blend.BlendPrompt(list(range(10)), [(5, 12)])
+    with pytest.raises(SpanError, match="empty"):
+        blend.BlendPrompt(list(range(10)), [(3, 3)])
+
+
+def test_e_bad_spans_in_raw_params_fall_back_to_plain(llm, cases, reference):
+    """Spans that bypass the API check reach the engine: plain prefill, a warning, no crash."""
+    ids = cases["plain"][0]
+    for spans in ([[0, 5], [3, 9]], [[2, len(ids) + 5]], [[4, 4]]):
+        sp = _sp(extra_args={"kv_transfer_params": {"blend": {"spans": spans}}})
+        o = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0]
+        assert not _report(o)
+        assert list(o.outputs[0].token_ids) == reference["plain"][0]["tokens"]
+    bad_cfg = _sp(extra_args={"kv_transfer_params": {"blend": {
+        "spans": cases["exact"][1][1], "cache_fuse_metadata": {"recomp_ratio": 7}}}})
+    o = llm.generate({"prompt_token_ids": cases["exact"][1][0]}, bad_cfg, use_tqdm=False)[0]
+    assert not _report(o) and o.finished
+
+
+def test_e_prompt_over_max_model_len(llm, cases):
+    import blend
+
+    ids, spans = cases["exact"][0]
+    long_ids = (ids * 10)[: ENGINE["max_model_len"] + 10]
+    with pytest.raises(ValueError, match="(?i)max_model_len|maximum model length|too long"):
+        llm.generate(blend.BlendPrompt(long_ids, spans), _sp(max_tokens=1), use_tqdm=False)
+    o = llm.generate(blend.BlendPrompt(ids, spans), _sp(max_tokens=2), use_tqdm=False)[0]
+    assert o.finished  # the engine still serves
+
+
+def test_e_bad_config_raises_at_the_api(tmp_path):
+    import blend
+    from blend.config import BlendConfigError
+
+    with pytest.raises(ValueError, match="unknown key"):
+        blend.kv_transfer_config(store=f"local:{tmp_path}", bogus=1)
+    with pytest.raises(BlendConfigError, match="recomp_ratio"):
+        blend.kv_transfer_config(store=f"local:{tmp_path}",
+                                 cache_fuse_metadata={"recomp_ratio": 1.5})
+    with pytest.raises(BlendConfigError, match="unknown key"):
+        blend.kv_transfer_config(store=f"local:{tmp_path}", cache_fuse_metadata={"ratio": 0.1})
+    with pytest.raises(ValueError, match="on_miss"):
+        blend.kv_transfer_config(store=f"local:{tmp_path}", on_miss="sometimes")
+
+
+def _engine_config(model: str, extra: dict):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    ktc = KVTransferConfig(kv_connector="BlendConnector", kv_connector_module_path="blend.connector",
+                           kv_role="kv_both", kv_connector_extra_config=extra)
+    return EngineArgs(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=1024,
+                      kv_transfer_config=ktc).create_engine_config()
+
+
+def test_e_raw_config_errors_at_connector_startup(smollm2_path, tmp_path):
+    """The raw KVTransferConfig form is validated when vLLM builds the connector."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from blend.connector import BlendConnector
+
+    cfg = _engine_config(smollm2_path, {"store": f"local:{tmp_path}", "colour": "blue"})
+    with pytest.raises(ValueError, match="unknown key.*colour"):
+        BlendConnector(cfg, KVConnectorRole.SCHEDULER, None)
+    cfg = _engine_config(smollm2_path, {"store": f"local:{tmp_path}",
+                                        "cache_fuse_metadata": {"check_layers": [30]}})
+    with pytest.raises(ValueError, match="check_layers.*allowed 1..29"):
+        BlendConnector(cfg, KVConnectorRole.SCHEDULER, None)
+
+
+def test_e_unsupported_architecture_is_refused(smollm2_path, tmp_path):
+    """A model family without a vLLM adapter is refused at connector start-up, by name."""
+    import shutil
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from blend.connector import BlendConnector
+    from blend.models.base import UnsupportedModelError
+
+    model = tmp_path / "gpt2-shaped"
+    model.mkdir()
+    for f in os.listdir(smollm2_path):
+        if f.startswith("tokenizer") or f.endswith(".json") and f != "config.json":
+            shutil.copy(os.path.join(smollm2_path, f), model / f)
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 2,
+        "n_layer": 2, "n_positions": 1024, "vocab_size": 49152}))
+    cfg = _engine_config(str(model), {"store": f"local:{tmp_path / 'kv'}"})
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        BlendConnector(cfg, KVConnectorRole.SCHEDULER, None)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "reference":
+        _reference(sys.argv[2], json.loads(open(sys.argv[3]).read()), sys.argv[4])
+    elif mode == "persistence":
+        ids, spans = json.loads(sys.argv[4])
+        _persistence(sys.argv[2], sys.argv[3], ids, spans, sys.argv[5])

@@ -1,0 +1,95 @@
+"""(f) `vllm serve` with the connector; chunk spans travel in an OpenAI completions request."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    port = _free_port()
+    store = tmp_path_factory.mktemp("kv")
+    ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
+           "kv_role": "kv_both",
+           "kv_connector_extra_config": {"store": f"local:{store}",
+                                         "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
+    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
+    proc = subprocess.Popen(
+        [vllm_bin, "serve", smollm2_path, "--dtype", "bfloat16", "--enforce-eager",
+         "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
+         "--kv-transfer-config", json.dumps(ktc)],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.flush()
+            raise RuntimeError(open(log.name).read()[-4000:])
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(2)
+    else:
+        proc.kill()
+        raise RuntimeError("vllm serve did not become healthy")
+    yield base, smollm2_path
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_f_openai_completion_with_spans(server):
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    import blend
+
+    base, model = server
+    tok = AutoTokenizer.from_pretrained(model)
+    docs = [" ".join(topics[t].split())[:900] for t in ("raise", "assert", "pass")]
+    p = blend.build_prompt(tok, "Answer from the documents.", docs, "Which statement raises?")
+    body = {"model": model, "prompt": p.prompt_token_ids, "max_tokens": 8, "temperature": 0.0,
+            "kv_transfer_params": p.kv_transfer_params()}
+    first = _post(base + "/v1/completions", body)
+    assert first["choices"][0]["text"]
+    rep = first["kv_transfer_params"]["blend"]
+    assert rep["chunks"] == 3 and rep["chunk_hits"] == 0 and rep["num_external"] > 0
+    # Same chunks, other order: every chunk now comes from the store.
+    p2 = blend.build_prompt(tok, "Answer from the documents.", docs[::-1], "Which statement raises?")
+    second = _post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,
+                                              "kv_transfer_params": p2.kv_transfer_params()})
+    rep2 = second["kv_transfer_params"]["blend"]
+    assert rep2["chunk_hits"] == 3 and rep2["chunk_hit_tokens"] == rep2["chunk_tokens"]
+    assert second["choices"][0]["text"]
