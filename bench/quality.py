@@ -144,16 +144,16 @@ def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bo
         runs.update({f"variant@0.15 {k}": ("blend", {**base, "recomp_ratio": 0.15, **v}, False)
                      for k, v in VARIANTS.items()})
     for i, (chunks, q) in enumerate(prompts):
-        full = hb.prefill(SYSTEM, chunks, q, "full")
-        full_gen = hb.generate(SYSTEM, chunks, q, "full", gen_tokens)
+        full = hb.prefill(SYSTEM, chunks, q, "full", extra_tokens=gen_tokens)
+        full_gen = hb.decode(full, gen_tokens)
         for name, (mode, meta, gen_too) in runs.items():
-            res = hb.prefill(SYSTEM, chunks, q, mode, meta)
+            res = hb.prefill(SYSTEM, chunks, q, mode, meta, extra_tokens=gen_tokens)
             m = acc.setdefault(name, {"kl": [], "top1": [], "recomputed": []})
             m["kl"].append(kl(full.logits, res.logits))
             m["top1"].append(float((full.logits.argmax(-1) == res.logits.argmax(-1)).float().mean()))
             m["recomputed"].append(res.selected.numel() / full.layout.context_len)
             if gen_too:
-                gen = hb.generate(SYSTEM, chunks, q, mode, gen_tokens, meta)
+                gen = hb.decode(res, gen_tokens)
                 m.setdefault("gen_exact", []).append(float(gen == full_gen))
                 m.setdefault("gen_prefix", []).append(prefix_len(gen, full_gen))
         print(f"  prose {i + 1}/{n}: ctx {full.layout.context_len} tok, q {len(full.layout.suffix)} tok",
@@ -243,8 +243,14 @@ def main() -> None:
         for k, v in r.items():
             if not k.startswith("_"):
                 print(f"{k:<14}{v['em']:>8.2f}{v['f1']:>8.2f}")
-    results["_config"] = {"cache_fuse_metadata": base, "dtype": "float32",
-                          "seconds": round(time.time() - t0)}
+    # Re-read before writing: a prose run and a squad run may share one file.
+    latest = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for model, sets in results.items():
+        if not model.startswith("_"):
+            latest.setdefault(model, {}).update(sets)
+    results = latest
+    results.setdefault("_config", {})[args.only or "all"] = {
+        "cache_fuse_metadata": base, "dtype": "float32", "seconds": round(time.time() - t0)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1))
     plot(results, out_path.with_suffix(".png"))

@@ -41,6 +41,7 @@ class BlendSeq:
     start: int  # position of token_ids[0]; earlier positions are final in the cache
     block_table: torch.Tensor  # int32 row (host) covering positions 0..end-1
     forced: torch.Tensor | None = None  # [n] bool (CPU): always recompute; None = nothing forced
+    num_outputs: int = 0  # the last k tokens (e.g. the question) are forced and get logits
 
     @property
     def end(self) -> int:
@@ -67,7 +68,7 @@ class BlendTrace:
 @dataclass
 class RunOutput:
     selected: list[torch.Tensor]  # per sequence, positions still active after the last check
-    logits: torch.Tensor | None  # [N, vocab] for all tokens when asked (plain prefill only)
+    logits: torch.Tensor | None  # [sum(num_outputs), vocab]: the output tokens, in order
 
 
 class Blender:
@@ -105,7 +106,6 @@ class Blender:
         kv,
         *,
         blend: bool,
-        want_logits: bool = False,
         trace: BlendTrace | None = None,
         layer_hook: Callable[[int], None] | None = None,
     ) -> RunOutput:
@@ -113,27 +113,31 @@ class Blender:
 
         `kv.layer(l)` gives the layer's K/V caches and `kv.block_size` their block size.
         `layer_hook(l)` runs before layer `l` reads the cache (e.g. waits for its load).
+        Each sequence's last `num_outputs` tokens get logits; in a blend they are forced,
+        so a question rides in the same pass as its context (exact, by causality).
         """
-        if want_logits and blend:
-            raise ValueError("logits are only produced by plain prefill (blend=False)")
         a, ops, cfg = self.adapter, self.ops, self.config
         dev = a.device
         t0 = time.perf_counter()
         lens = [int(s.token_ids.numel()) for s in seqs]
         cu = _cumsum(lens)
-        ids = torch.cat([s.token_ids.to(dev) for s in seqs])
+        ids = _h2d(torch.cat([s.token_ids.cpu() for s in seqs]), dev)
         pos = torch.cat([torch.arange(s.start, s.end, device=dev) for s in seqs])
-        slots = torch.cat([slots_for(s.block_table.to(dev), torch.arange(s.start, s.end, device=dev),
-                                     kv.block_size) for s in seqs])
-        block_table = _stack_rows([s.block_table for s in seqs], dev)
+        block_table = _h2d(_stack_rows([s.block_table for s in seqs]), dev)
+        slots = torch.cat([slots_for(block_table[b], torch.arange(s.start, s.end, device=dev),
+                                     kv.block_size) for b, s in enumerate(seqs)])
         seq_lens = [s.end for s in seqs]
+        outs = [min(s.num_outputs, n) for s, n in zip(seqs, lens)]
 
         checks = dict(zip(cfg.check_layers, cfg.ratios())) if blend else {}
-        forced_host = [s.forced if (blend and s.forced is not None) else torch.zeros(n, dtype=torch.bool)
-                       for s, n in zip(seqs, lens)]
+        forced_host = []
+        for s, n, o in zip(seqs, lens, outs):
+            f = s.forced.clone() if (blend and s.forced is not None) else torch.zeros(n, dtype=torch.bool)
+            f[n - o:] = True
+            forced_host.append(f)
         n_forced = [int(f.sum()) for f in forced_host]
         n_cached = [n - f for n, f in zip(lens, n_forced)]
-        forced = torch.cat(forced_host).to(dev, non_blocking=True) if seqs else None
+        forced = _h2d(torch.cat(forced_host), dev)
 
         h = a.embed(ids)
         act_pos, act_slots, act_forced, act_cu = pos, slots, forced, cu
@@ -160,15 +164,23 @@ class Blender:
                 if act_cu[-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
             ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
-            if layer == last and not want_logits:
-                break  # the last layer's output feeds nothing: its K/V are all we need
-            o = ops.attention(q, k_cache, v_cache, q_pos, act_cu, block_table, seq_lens, a.scale)
+            if layer == last:
+                # The last layer's output feeds only the logits: run it for the output tokens,
+                # which are forced and so are the last `outs[b]` active tokens of each sequence.
+                if not any(outs):
+                    break
+                rows = _h2d(torch.tensor([i for b, o in enumerate(outs)
+                                          for i in range(act_cu[b + 1] - o, act_cu[b + 1])]), dev)
+                h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
+            else:
+                q_cu = act_cu
+            o = ops.attention(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens, a.scale)
             h = a.finish_layer(layer, h, o)
+            if layer == last:
+                logits = a.logits(h)
         if layer_hook is not None:  # an early stop still owes the later layers their load
             for layer in range(hooked + 1, a.num_layers):
                 layer_hook(layer)
-        if want_logits:
-            logits = a.logits(h)
         selected = [act_pos[act_cu[b]:act_cu[b + 1]] for b in range(len(seqs))]
         if trace is not None:
             trace.selected = [s.cpu() for s in selected]
@@ -183,9 +195,16 @@ def _cumsum(xs: Sequence[int]) -> list[int]:
     return out
 
 
-def _stack_rows(rows: Sequence[torch.Tensor], device) -> torch.Tensor:
+def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     width = max((int(r.numel()) for r in rows), default=0)
     table = torch.zeros((len(rows), max(width, 1)), dtype=torch.int32)
     for i, r in enumerate(rows):
         table[i, : r.numel()] = r.cpu().to(torch.int32)
-    return table.to(device, non_blocking=True)
+    return table
+
+
+def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host metadata to the device without a sync: a pageable copy would wait for the stream."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

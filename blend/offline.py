@@ -112,12 +112,12 @@ class HFBlender:
         segments = [(0, layout.prefix)] + list(zip((s for s, _ in layout.spans), layout.chunks))
         missed: list[int] = []
 
+        nq = len(layout.suffix)
         t0 = time.perf_counter()
         if mode == "full":
-            out = blender.run([BlendSeq(ids[:ctx], 0, row)], kv, blend=False, trace=trace)
-            selected = out.selected[0]
+            out = blender.run([BlendSeq(ids, 0, row, num_outputs=nq)], kv, blend=False, trace=trace)
         else:
-            placements, forced = [], torch.zeros(ctx, dtype=torch.bool)
+            placements, forced = [], torch.zeros(len(ids), dtype=torch.bool)
             for i, (start, seg) in enumerate(segments):
                 if not seg:
                     continue
@@ -134,21 +134,21 @@ class HFBlender:
             trace.timings_ms["lookup"] = (time.perf_counter() - t0) * 1e3
             if mode == "reuse" and not missed:
                 load_all(blender, kv, placements)
-                selected = torch.empty(0, dtype=torch.long)
+                out = blender.run([BlendSeq(ids[ctx:], ctx, row, num_outputs=nq)], kv, blend=False)
             else:
                 # Reuse with missed chunks degenerates to a blend that recomputes only those.
                 if mode == "reuse":
                     blender = blender.with_config(BlendConfig(
                         recomp_ratio=0.0, check_layers=cfg.check_layers, deviation=cfg.deviation,
                         attention_backend=cfg.attention_backend))
-                out = blender.run([BlendSeq(ids[:ctx], 0, row, forced)], kv, blend=True,
+                # The question rides in the blend pass as forced output tokens.
+                out = blender.run([BlendSeq(ids, 0, row, forced, num_outputs=nq)], kv, blend=True,
                                   trace=trace, layer_hook=layer_loader(blender, kv, placements))
-                selected = out.selected[0]
-        t1 = time.perf_counter()
-        q = blender.run([BlendSeq(ids[ctx:], ctx, row)], kv, blend=False, want_logits=True)
-        trace.timings_ms["context"] = (t1 - t0) * 1e3
-        trace.timings_ms["question"] = (time.perf_counter() - t1) * 1e3
-        return PrefillResult(logits=q.logits.float(), selected=selected.cpu(), trace=trace,
+        selected = out.selected[0]
+        selected = selected[selected < ctx].cpu()
+        trace.selected = [selected]
+        trace.timings_ms["prefill"] = (time.perf_counter() - t0) * 1e3
+        return PrefillResult(logits=out.logits.float(), selected=selected, trace=trace,
                              layout=layout, kv=kv, block_table=row, missed_chunks=missed)
 
     @torch.inference_mode()
@@ -158,6 +158,11 @@ class HFBlender:
         """Greedy continuation after the prefill, decoding over the same (fused) cache."""
         res = self.prefill(system, chunks, question, mode, cache_fuse_metadata,
                            extra_tokens=max_new_tokens)
+        return self.decode(res, max_new_tokens)
+
+    @torch.inference_mode()
+    def decode(self, res: PrefillResult, max_new_tokens: int = 32) -> list[int]:
+        """Greedy tokens after a prefill made with `extra_tokens >= max_new_tokens`."""
         eos = self.tokenizer.eos_token_id
         out: list[int] = []
         nxt = int(res.logits[-1].argmax())
@@ -166,8 +171,8 @@ class HFBlender:
             out.append(nxt)
             if nxt == eos or len(out) == max_new_tokens:
                 break
-            step = self.blender.run([BlendSeq(torch.tensor([nxt]), pos, res.block_table)], res.kv,
-                                    blend=False, want_logits=True)
+            step = self.blender.run([BlendSeq(torch.tensor([nxt]), pos, res.block_table,
+                                              num_outputs=1)], res.kv, blend=False)
             nxt = int(step.logits[-1].argmax())
             pos += 1
         return out
