@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parent.parent))  # `python bench/quality.py` can import bench.*
 SYSTEM = "You are a helpful assistant. Answer the question using only the documents below."
 RATIOS = (0.05, 0.1, 0.15, 0.3, 1.0)
 
@@ -136,8 +137,9 @@ VARIANTS = {
 }
 
 
-def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bool = False) -> dict:
-    prompts = prose_prompts(n)
+def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bool = False,
+              shard: tuple[int, int] = (0, 1)) -> dict:
+    prompts = prose_prompts(n)[shard[0]::shard[1]]
     acc: dict[str, dict[str, list[float]]] = {}
     runs = {k: (*v, True) for k, v in settings(ratios, base).items() if k != "full"}
     if variants:
@@ -156,13 +158,29 @@ def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bo
                 gen = hb.decode(res, gen_tokens)
                 m.setdefault("gen_exact", []).append(float(gen == full_gen))
                 m.setdefault("gen_prefix", []).append(prefix_len(gen, full_gen))
-        print(f"  prose {i + 1}/{n}: ctx {full.layout.context_len} tok, q {len(full.layout.suffix)} tok",
-              file=sys.stderr)
-    out = {"full": {"kl": 0.0, "top1": 1.0, "gen_exact": 1.0, "gen_prefix": float(gen_tokens)}}
+        print(f"  prose {i + 1}/{len(prompts)}: ctx {full.layout.context_len} tok, "
+              f"q {len(full.layout.suffix)} tok", file=sys.stderr)
+    return summarize(acc, gen_tokens)
+
+
+def summarize(acc: dict[str, dict[str, list[float]]], gen_tokens: int) -> dict:
+    """Means per setting; the per-prompt values stay under `_raw` so shards can be merged."""
+    out: dict = {"full": {"kl": 0.0, "top1": 1.0, "gen_exact": 1.0, "gen_prefix": float(gen_tokens)}}
     for name, m in acc.items():
         out[name] = {k: round(sum(v) / len(v), 5) for k, v in m.items()}
-    out["_prompts"] = n
+    out["_prompts"] = len(next(iter(acc.values()))["kl"]) if acc else 0
+    out["_raw"] = acc
     return out
+
+
+def merge_shards(paths: list[str], gen_tokens: int = 32) -> dict:
+    acc: dict[str, dict[str, list[float]]] = {}
+    for p in paths:
+        raw = json.loads(Path(p).read_text())["SmolLM2-135M-Instruct"]["pydoc_prose"]["_raw"]
+        for name, m in raw.items():
+            for k, v in m.items():
+                acc.setdefault(name, {}).setdefault(k, []).extend(v)
+    return summarize(acc, gen_tokens)
 
 
 def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24) -> dict:
@@ -218,6 +236,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["prose", "squad"])
     ap.add_argument("--n", type=int, default=None, help="prompts (prose 20, squad 40 by default)")
     ap.add_argument("--meta", default="{}", help="extra cache_fuse_metadata as JSON")
+    ap.add_argument("--shard", default="0/1", help="i/k: run prompts i, i+k, ... (parallel runs)")
+    ap.add_argument("--merge", nargs="*", help="merge prose shard JSON files into --out, then plot")
     ap.add_argument("--variants", action="store_true",
                     help="also measure each knob's effect at r=0.15 (prefill metrics only)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
@@ -226,9 +246,13 @@ def main() -> None:
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     t0 = time.time()
+    if args.merge:
+        args.only = "merged"
+        results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = merge_shards(args.merge)
     if args.only in (None, "prose"):
         hb = load("SmolLM2-135M-Instruct")
-        r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants)
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants, shard=shard)
         results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
         print(f"{'setting':<44}{'KL':>9}{'top1':>8}{'gen_exact':>11}{'gen_prefix':>12}")
         for k, v in r.items():

@@ -234,25 +234,13 @@ def hkvd_select_ref(
     cu_tokens: Sequence[int],
     num_take: Sequence[int],
 ) -> torch.Tensor:
-    """The first `hkvd_select` (host-built index tensors, synchronous copies): the test oracle."""
-    device = dev.device
-    nreq = len(num_take)
-    lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]
-    if nreq == 0 or sum(lens) == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    width = max(lens)
-    # Forced tokens rank above everything; padding ranks below everything.
-    score = torch.full((nreq, width), float("-inf"), dtype=torch.float32, device=device)
-    owner = torch.repeat_interleave(torch.arange(nreq, device=device),
-                                    torch.tensor(lens, device=device))
-    starts = torch.tensor(cu_tokens[:-1], device=device)
-    col = torch.arange(dev.shape[0], device=device) - starts[owner]
-    ranked = torch.where(forced, torch.full_like(dev, float("inf")), dev.float())
-    ranked = torch.nan_to_num(ranked, nan=float("-inf"), neginf=torch.finfo(torch.float32).min)
-    score[owner, col] = ranked
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    take = [min(lens[b], max(0, num_take[b])) for b in range(nreq)]
-    flat = torch.tensor([b * width + j for b in range(nreq) for j in range(take[b])],
-                        dtype=torch.long, device=device)
-    picked = order.view(-1)[flat] + torch.repeat_interleave(starts, torch.tensor(take, device=device))
-    return torch.sort(picked).values
+    """A plain per-request loop with the same ranking rules: the test oracle."""
+    big = torch.finfo(torch.float32).min
+    picked: list[int] = []
+    for b in range(len(num_take)):
+        lo, hi = cu_tokens[b], cu_tokens[b + 1]
+        score = dev[lo:hi].float().cpu().nan_to_num(nan=float("-inf"), neginf=big)
+        score[forced[lo:hi].cpu()] = float("inf")
+        order = sorted(range(hi - lo), key=lambda i, s=score: (-float(s[i]), i))
+        picked += [lo + i for i in order[:min(hi - lo, max(0, num_take[b]))]]
+    return torch.tensor(sorted(picked), dtype=torch.long, device=dev.device)
