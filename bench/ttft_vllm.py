@@ -62,9 +62,9 @@ def main() -> None:
     store = args.store or f"local:{tempfile.mkdtemp(prefix='cacheblend-ttft-')}"
     ktc = blend.kv_transfer_config(store=store,
                                    cache_fuse_metadata={"recomp_ratio": args.ratio})
-    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=8192,
+    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
               gpu_memory_utilization=0.3, enable_prefix_caching=False,
-              max_num_batched_tokens=8192, kv_transfer_config=ktc, seed=0)
+              max_num_batched_tokens=4096, kv_transfer_config=ktc, seed=0)
     tok = llm.get_tokenizer()
     chunks = passages(args.chunks, args.chunk_tokens, tok)
     t0 = time.perf_counter()
