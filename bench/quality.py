@@ -183,8 +183,9 @@ def merge_shards(paths: list[str], gen_tokens: int = 32) -> dict:
     return summarize(acc, gen_tokens)
 
 
-def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24) -> dict:
-    items = squad_items(n)
+def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24,
+              shard: tuple[int, int] = (0, 1)) -> dict:
+    items = squad_items(n)[shard[0]::shard[1]]
     modes = {"full": ("full", None), "reuse": ("reuse", None),
              f"blend@{ratio}": ("blend", {**base, "recomp_ratio": ratio})}
     scores = {k: {"em": [], "f1": []} for k in modes}
@@ -197,9 +198,15 @@ def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24)
             scores[name]["em"].append(em)
             scores[name]["f1"].append(f1)
         if (i + 1) % 10 == 0:
-            print(f"  squad {i + 1}/{n}", file=sys.stderr)
-    out = {k: {m: round(100 * sum(v) / len(v), 2) for m, v in s.items()} for k, s in scores.items()}
-    out["_questions"] = n
+            print(f"  squad {i + 1}/{len(items)}", file=sys.stderr)
+    return summarize_squad(scores)
+
+
+def summarize_squad(scores: dict[str, dict[str, list[float]]]) -> dict:
+    out: dict = {k: {m: round(100 * sum(v) / len(v), 2) for m, v in s.items()}
+                 for k, s in scores.items()}
+    out["_questions"] = len(next(iter(scores.values()))["em"]) if scores else 0
+    out["_raw"] = scores
     return out
 
 
@@ -248,7 +255,19 @@ def main() -> None:
     t0 = time.time()
     if args.merge:
         args.only = "merged"
-        results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = merge_shards(args.merge)
+        prose = [p for p in args.merge if "pydoc_prose" in Path(p).read_text()]
+        squad = [p for p in args.merge if "squad_multidoc" in Path(p).read_text()]
+        if prose:
+            results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = merge_shards(prose)
+        if squad:
+            raw: dict = {}
+            for p in squad:
+                doc = json.loads(Path(p).read_text())["Qwen2.5-Coder-0.5B-Instruct"]["squad_multidoc"]
+                for k, m in doc["_raw"].items():
+                    for metric, v in m.items():
+                        raw.setdefault(k, {}).setdefault(metric, []).extend(v)
+            results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = \
+                summarize_squad(raw)
     if args.only in (None, "prose"):
         hb = load("SmolLM2-135M-Instruct")
         shard = tuple(int(x) for x in args.shard.split("/"))
@@ -261,7 +280,7 @@ def main() -> None:
                       f"{v.get('gen_exact', float('nan')):>11.2f}{v.get('gen_prefix', float('nan')):>12.1f}")
     if args.only in (None, "squad"):
         hb = load("Qwen2.5-Coder-0.5B-Instruct")
-        r = run_squad(hb, args.n or 40, base)
+        r = run_squad(hb, args.n or 40, base, shard=tuple(int(x) for x in args.shard.split("/")))
         results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = r
         print(f"{'setting':<14}{'EM':>8}{'F1':>8}")
         for k, v in r.items():
