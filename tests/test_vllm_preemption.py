@@ -24,7 +24,7 @@ def test_preempted_blends_resume_correctly(smollm2_path, tmp_path):
     ktc = blend.kv_transfer_config(store=f"local:{tmp_path}",
                                    cache_fuse_metadata={"recomp_ratio": 1.0})
     llm = LLM(model=smollm2_path, dtype="float32", enforce_eager=True, max_model_len=2048,
-              num_gpu_blocks_override=14, max_num_seqs=4, enable_prefix_caching=False,
+              num_gpu_blocks_override=17, max_num_seqs=4, enable_prefix_caching=False,
               kv_transfer_config=ktc, seed=0)
     tok = llm.get_tokenizer()
     keys = [k for k in sorted(topics) if len(topics[k]) > 1500][:9]
@@ -36,7 +36,7 @@ def test_preempted_blends_resume_correctly(smollm2_path, tmp_path):
     alone = [llm.generate(p, sp, use_tqdm=False)[0] for p in prompts]
     together = llm.generate(prompts, sp, use_tqdm=False)
     need = sum(len(p.prompt_token_ids) + 300 for p in prompts)
-    assert need > 14 * 128, "the batch must not fit: no preemption otherwise"
+    assert need > 17 * 128, "the batch must not fit: no preemption otherwise"
     for a, t in zip(alone, together):
         assert (t.kv_transfer_params or {}).get("blend"), "blended"
         assert list(t.outputs[0].token_ids) == list(a.outputs[0].token_ids)
