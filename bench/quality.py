@@ -225,7 +225,7 @@ def plot(results: dict, path: Path) -> None:
     ax[0].plot(xs, [p[1]["kl"] for p in pts], "o-", label="blend")
     ax[0].axhline(prose["reuse"]["kl"], color="r", ls="--", label="full reuse")
     ax[0].set(xlabel="recomp_ratio", ylabel="mean KL(full || x), question tokens",
-              title="SmolLM2: KL to full prefill", yscale="symlog")
+              title="SmolLM2: KL to full prefill")
     ax[1].plot(xs, [p[1]["top1"] for p in pts], "o-", label="top-1 agreement")
     ax[1].plot(xs, [p[1]["gen_exact"] for p in pts], "s-", label="identical 32-token greedy")
     ax[1].axhline(prose["reuse"]["top1"], color="r", ls="--", label="full reuse (top-1)")
