@@ -13,17 +13,9 @@ import runpy
 import sys
 from pathlib import Path
 
+from blend.cli_store import _positive
+
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def _meta(v: str) -> str:
