@@ -12,6 +12,8 @@ Without the patch, pass `prompt.sampling_params(sp)` yourself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -104,6 +106,22 @@ class BlendPrompt(dict):
     def tokens_prompt(self) -> dict:
         """The plain `TokensPrompt` vLLM renders (a fresh dict, no extra keys)."""
         return {"prompt_token_ids": list(self["prompt_token_ids"])}
+
+    @property
+    def cache_salt(self) -> str:
+        """vLLM prefix-cache salt for the blended request.
+
+        vLLM's prefix cache keeps the blocks a blend wrote, and they hold fused
+        (approximate) KV. Salting keeps them from being served to a plain request
+        with the same tokens, or to a blend under other `cache_fuse_metadata`;
+        blends of the same prompt and config still share them.
+        """
+        meta = json.dumps(self.cache_fuse_metadata or {}, sort_keys=True)
+        return "cacheblend:" + hashlib.sha256(meta.encode()).hexdigest()[:16]
+
+    def engine_prompt(self) -> dict:
+        """The `TokensPrompt` vLLM renders for the blended request (salted, see `cache_salt`)."""
+        return {**self.tokens_prompt(), "cache_salt": self.cache_salt}
 
     def kv_transfer_params(self) -> dict:
         return make_params(self.spans, self.on_miss, self.cache_fuse_metadata)

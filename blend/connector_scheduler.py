@@ -104,7 +104,13 @@ class BlendScheduler:
             return 0, False
         end = context_end(len(prompt), spans)
         if num_computed_tokens >= end:
-            return 0, False  # vLLM's prefix cache already holds the whole context
+            # vLLM's prefix cache already holds the whole context (this prompt ran before):
+            # nothing to load, but the output still says how its context was served.
+            n = sum(e - s for s, e in spans)
+            self._reports.setdefault(rid, {
+                "chunks": len(spans), "chunk_hits": 0, "chunk_tokens": n, "chunk_hit_tokens": 0,
+                "num_local": num_computed_tokens, "num_external": 0, "prefix_cached": True})
+            return 0, False
         keys = [chunk_key(self.fingerprint, prompt[s:e]) for s, e in spans]
         hits = self.store.lookup(keys)
         on_miss = params.get("on_miss", self.on_miss)

@@ -64,7 +64,7 @@ def apply_prompt_spans(module: Any, target: str) -> str:
             new_prompts, new_params = [], []
             for p, sp in zip(seq, seq_params):
                 if isinstance(p, BlendPrompt):
-                    new_prompts.append(p.tokens_prompt())
+                    new_prompts.append(p.engine_prompt())
                     new_params.append(p.attach(sp))
                 else:
                     new_prompts.append(p)
