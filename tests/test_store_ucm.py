@@ -158,6 +158,21 @@ def test_config_passes_through(tmp_path):
     assert s.put(key("cfg"), x) and same(s.get(key("cfg")), x)
 
 
+@needs_ucm
+def test_close_releases_ucm_and_later_calls_miss(tmp_path):
+    """close() drops UCM's store now (not at interpreter teardown); afterwards: misses."""
+    from blend.store import open_store
+
+    s = open_store({"backend": "ucm", "path": str(tmp_path), "block_size": "128KiB"}, FP)
+    x = torch.ones(2, 2, 3, 2, 64)
+    assert s.put(key("closing"), x)
+    s.close()
+    s.close()  # idempotent
+    assert s.lookup([key("closing")]) == [False] and s.get(key("closing")) is None
+    assert not s.put(key("after"), x)
+    assert s.stats()["errors"].get("closed", 0) >= 3
+
+
 @pytest.mark.skipif(HAVE_UCM, reason="checks the error without UCM")
 def test_ucm_without_package_fails_clearly_at_startup(tmp_path):
     from blend.store import open_store

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import weakref
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,16 @@ class UcmStore(ChunkStore):
         config.update({k: v for k, v in (ucm_config or {}).items()
                        if k != "blend_verify_payload"})
         self.config = config
-        self._s = UcmConnectorFactoryV1.create_connector("UcmPipelineStore", config)
+        # UCM's store is released by close(), when this object is collected, or at exit
+        # (atexit), whichever comes first: never at interpreter teardown, after CUDA is gone.
+        self._box = [UcmConnectorFactoryV1.create_connector("UcmPipelineStore", config)]
+        self._release = weakref.finalize(self, self._box.clear)
+
+    @property
+    def _s(self) -> Any:
+        if not self._box:
+            raise StoreMiss("closed", "the UCM store was closed")
+        return self._box[0]
 
     # ---- helpers ---------------------------------------------------------------------
     def _staging(self, nblocks: int) -> torch.Tensor:
@@ -203,6 +213,9 @@ class UcmStore(ChunkStore):
                     shutil.rmtree(d, ignore_errors=True)
                     d.mkdir(exist_ok=True)
         log.info("cleared UCM storage under %s", [str(p) for p in self.paths])
+
+    def close(self) -> None:
+        self._release()
 
     def _extra_stats(self) -> dict:
         return {"pipeline": self.pipeline, "block_size": self.bs,
