@@ -1,8 +1,9 @@
 """UCM `Cache|Posix` on the GPU: throughput, and whether the process exits cleanly.
 
-Each UCM config runs in its own child process with a deadline, so a hang (seen
-once at interpreter exit, and once creating a second `Cache|Posix` store)
-is recorded instead of stalling the run. Per config: store creation time, put /
+Each UCM config runs in its own child process with a deadline, so a hang is
+recorded instead of stalling the run. (The "hang" seen before was UCM's Cache
+layer mapping its default 256 GiB `cache_buffer_capacity_gb` of /dev/shm on a
+128 GiB host; `UcmStore` now defaults to 4 and refuses what does not fit.) Per config: store creation time, put /
 load / get GB/s of a 64 MiB bf16 chunk (2 MiB blocks, device buffers),
 bit-exactness, a second store in the same process, and the time from the
 child's last line to its exit.
@@ -21,19 +22,25 @@ import time
 from pathlib import Path
 
 CONFIGS = {
-    "ucm defaults, no close()": {"_no_close": True},
-    "ucm defaults": {},
-    "cache_buffer_capacity_gb=2": {"cache_buffer_capacity_gb": 2},
-    "cache_buffer_capacity_gb=2, share_buffer_enable=false":
-        {"cache_buffer_capacity_gb": 2, "share_buffer_enable": False},
+    # UCM's own default cache_buffer_capacity_gb is 256 GiB of /dev/shm: on the 128 GiB H100
+    # host it filled memory and was killed (and its left-over file starved later runs).
+    "cacheblend default (cache_buffer_capacity_gb=4)": {},
+    "cache_buffer_capacity_gb=4, no close()": {"_no_close": True},
+    "cache_buffer_capacity_gb=8": {"cache_buffer_capacity_gb": 8},
+    "cache_buffer_capacity_gb=4, share_buffer_enable=false": {"share_buffer_enable": False},
 }
 
 
 def child(root: str, ucm_config: dict, reps: int) -> None:
     """Runs in the child: prints one JSON line per phase."""
+    import types
+
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # The store needs none of blend's vLLM wiring (and vLLM is not installed on the GPU box).
+    pkg = types.ModuleType("blend")
+    pkg.__path__ = [str(Path(__file__).resolve().parent.parent / "blend")]
+    sys.modules.setdefault("blend", pkg)
     from blend.store import open_store
 
     def say(**kw) -> None:
@@ -79,7 +86,7 @@ def child(root: str, ucm_config: dict, reps: int) -> None:
         s.close()
         s2.close()
         say(phase="close", s=round(time.perf_counter() - t, 2))
-    say(phase="done", t=time.time())
+    say(phase="done", t=time.time(), shm=sorted(p.name for p in Path("/dev/shm").glob("uc_shm*")))
 
 
 def run(name: str, cfg: dict, deadline: float, reps: int) -> dict:
@@ -110,6 +117,7 @@ def run(name: str, cfg: dict, deadline: float, reps: int) -> dict:
     rec["wall_s"] = round(t_end - t0, 1)
     rec["exit_after_done_s"] = round(t_wall - t_done["t"], 2) if t_done else None
     rec["exited_cleanly"] = rec["rc"] == 0 and t_done is not None
+    rec["shm_after_exit"] = sorted(p.name for p in Path("/dev/shm").glob("uc_shm*"))
     rec["stderr_tail"] = err[-1500:]
     print(f"== {name}: rc={rec['rc']} wall={rec['wall_s']}s phases={rec['phases']}", flush=True)
     return rec

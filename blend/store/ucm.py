@@ -29,6 +29,7 @@ from blend.store import format as fmt
 from blend.store.base import ChunkStore, StoreMiss, log
 
 TOMBSTONE = b"CBTOMBST"
+CACHE_BUFFER_GB = 4  # UCM's Cache layer: host staging buffer in /dev/shm (UCM's default: 256)
 
 
 def block_ids(key: str, n: int) -> list[bytes]:
@@ -74,11 +75,15 @@ class UcmStore(ChunkStore):
         }
         config.update({k: v for k, v in (ucm_config or {}).items()
                        if k != "blend_verify_payload"})
+        shm = None
+        if self.on_device:
+            config.setdefault("cache_buffer_capacity_gb", CACHE_BUFFER_GB)
+            shm = _check_cache_buffer(config["cache_buffer_capacity_gb"], config["unique_id"])
         self.config = config
         # UCM's store is released by close(), when this object is collected, or at exit
         # (atexit), whichever comes first: never at interpreter teardown, after CUDA is gone.
         self._box = [UcmConnectorFactoryV1.create_connector("UcmPipelineStore", config)]
-        self._release = weakref.finalize(self, self._box.clear)
+        self._release = weakref.finalize(self, _release, self._box, shm)
 
     @property
     def _s(self) -> Any:
@@ -220,6 +225,30 @@ class UcmStore(ChunkStore):
     def _extra_stats(self) -> dict:
         return {"pipeline": self.pipeline, "block_size": self.bs,
                 "paths": [str(p) for p in self.paths]}
+
+
+def _check_cache_buffer(gib: Any, unique_id: str) -> Path:
+    """UCM's Cache layer maps `cache_buffer_capacity_gb` of /dev/shm up front. Its own
+    default is 256 GiB: on a 128 GiB host that fills memory until the process is killed,
+    and the file it leaves behind starves the next run. Refuse what cannot fit."""
+    if isinstance(gib, bool) or not isinstance(gib, int | float) or gib < CACHE_BUFFER_GB:
+        raise ValueError(f"ucm_config.cache_buffer_capacity_gb: {gib!r} must be a number "
+                         f">= {CACHE_BUFFER_GB} (UCM's minimum for 2 MiB shards)")
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        free = shutil.disk_usage(shm).free / 2**30
+        if gib > free:
+            raise ValueError(f"ucm_config.cache_buffer_capacity_gb: {gib} GiB does not fit the "
+                             f"{free:.1f} GiB free in /dev/shm (allowed {CACHE_BUFFER_GB}.."
+                             f"{int(free)}); stale uc_shm_cache_* files there are left by "
+                             "killed UCM processes")
+    return shm / f"uc_shm_cache_{unique_id}"
+
+
+def _release(box: list, shm: Path | None) -> None:
+    box.clear()  # UCM's store (threads, buffers) goes with its last reference
+    if shm is not None:
+        shm.unlink(missing_ok=True)
 
 
 class _Deleted(Exception):
