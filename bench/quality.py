@@ -123,41 +123,73 @@ def settings(ratios, base: dict) -> dict[str, tuple[str, dict | None]]:
     return out
 
 
-# What each knob does at r=0.15 (prefill metrics only; reported in the closing note).
+# What each knob does at a final ratio of 0.15 (prefill metrics only; closing note).
+K8 = {"check_layers": [1, 8], "recomp_ratios": [0.5, 0.15]}
 VARIANTS = {
     "check_layers=[2]": {"check_layers": [2]},
-    "check_layers=[4]": {"check_layers": [4]},
+    "check_layers=[8]": {"check_layers": [8]},
     "deviation=k_l2": {"deviation": "k_l2"},
     "deviation=k_l1": {"deviation": "k_l1"},
     "deviation=kv_l2": {"deviation": "kv_l2"},
-    "sink_tokens=1": {"sink_tokens": 1},
     "sink_tokens=4": {"sink_tokens": 4},
-    "gradual [1,2,4]: .3/.2/.15": {"check_layers": [1, 2, 4], "recomp_ratios": [0.3, 0.2, 0.15]},
-    "gradual [2,4]: .3/.15": {"check_layers": [2, 4], "recomp_ratios": [0.3, 0.15]},
+    "gradual [1,2] .6/.15": {"check_layers": [1, 2], "recomp_ratios": [0.6, 0.15]},
+    "gradual [1,8] .3/.1": {"check_layers": [1, 8], "recomp_ratios": [0.3, 0.1]},
+    "gradual [1,8] .5/.15": K8,
+    "gradual [1,8] .5/.15 k_l2": {**K8, "deviation": "k_l2"},
+    "gradual [1,8] .5/.15 kv_l2": {**K8, "deviation": "kv_l2"},
+    "gradual [1,8,16] .5/.25/.15": {"check_layers": [1, 8, 16], "recomp_ratios": [0.5, 0.25, 0.15]},
 }
+PLAIN = "plain CacheBlend@0.15 (bench/plain_cacheblend.py)"
+
+
+def compute_fraction(meta: dict | None, num_layers: int) -> float:
+    """Share of a full prefill's per-token layer work: every token below the first check
+    layer, then each check layer's ratio up to the next (attention's growth aside)."""
+    from blend.config import BlendConfig
+
+    if meta is None:
+        return 0.0
+    cfg = BlendConfig.from_dict(meta)
+    bounds = [*cfg.check_layers, num_layers]
+    work = cfg.check_layers[0] + sum((hi - lo) * r for lo, hi, r in
+                                     zip(bounds, bounds[1:], cfg.ratios()))
+    return round(work / num_layers, 4)
 
 
 def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bool = False,
               shard: tuple[int, int] = (0, 1)) -> dict:
+    from bench.plain_cacheblend import plain_blend
+
     prompts = prose_prompts(n)[shard[0]::shard[1]]
+    layers = hb.model.config.num_hidden_layers
     acc: dict[str, dict[str, list[float]]] = {}
     runs = {k: (*v, True) for k, v in settings(ratios, base).items() if k != "full"}
     if variants:
         runs.update({f"variant@0.15 {k}": ("blend", {**base, "recomp_ratio": 0.15, **v}, False)
                      for k, v in VARIANTS.items()})
+
+    def record(name: str, logits: torch.Tensor, full, n_selected: int, meta) -> dict:
+        m = acc.setdefault(name, {"kl": [], "top1": [], "recomputed": [], "compute": []})
+        m["kl"].append(kl(full.logits, logits))
+        m["top1"].append(float((full.logits.argmax(-1) == logits.argmax(-1)).float().mean()))
+        m["recomputed"].append(n_selected / full.layout.context_len)
+        m["compute"].append(compute_fraction(meta, layers))
+        return m
+
     for i, (chunks, q) in enumerate(prompts):
         full = hb.prefill(SYSTEM, chunks, q, "full", extra_tokens=gen_tokens)
         full_gen = hb.decode(full, gen_tokens)
         for name, (mode, meta, gen_too) in runs.items():
             res = hb.prefill(SYSTEM, chunks, q, mode, meta, extra_tokens=gen_tokens)
-            m = acc.setdefault(name, {"kl": [], "top1": [], "recomputed": []})
-            m["kl"].append(kl(full.logits, res.logits))
-            m["top1"].append(float((full.logits.argmax(-1) == res.logits.argmax(-1)).float().mean()))
-            m["recomputed"].append(res.selected.numel() / full.layout.context_len)
+            m = record(name, res.logits, full, res.selected.numel(), meta)
             if gen_too:
                 gen = hb.decode(res, gen_tokens)
                 m.setdefault("gen_exact", []).append(float(gen == full_gen))
                 m.setdefault("gen_prefix", []).append(prefix_len(gen, full_gen))
+        if variants:  # the same selection computed by the independent dense implementation
+            lay = full.layout
+            logits, sel = plain_blend(hb.model, lay.prefix, lay.chunks, lay.suffix, (0.15,), (1,))
+            record(PLAIN, logits, full, sel.numel(), {"recomp_ratio": 0.15})
         print(f"  prose {i + 1}/{len(prompts)}: ctx {full.layout.context_len} tok, "
               f"q {len(full.layout.suffix)} tok", file=sys.stderr)
     return summarize(acc, gen_tokens)
@@ -165,7 +197,8 @@ def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bo
 
 def summarize(acc: dict[str, dict[str, list[float]]], gen_tokens: int) -> dict:
     """Means per setting; the per-prompt values stay under `_raw` so shards can be merged."""
-    out: dict = {"full": {"kl": 0.0, "top1": 1.0, "gen_exact": 1.0, "gen_prefix": float(gen_tokens)}}
+    out: dict = {"full": {"kl": 0.0, "top1": 1.0, "compute": 1.0, "gen_exact": 1.0,
+                          "gen_prefix": float(gen_tokens)}}
     for name, m in acc.items():
         out[name] = {k: round(sum(v) / len(v), 5) for k, v in m.items()}
     out["_prompts"] = len(next(iter(acc.values()))["kl"]) if acc else 0
@@ -187,7 +220,10 @@ def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24,
               shard: tuple[int, int] = (0, 1)) -> dict:
     items = squad_items(n)[shard[0]::shard[1]]
     modes = {"full": ("full", None), "reuse": ("reuse", None),
-             f"blend@{ratio}": ("blend", {**base, "recomp_ratio": ratio})}
+             f"blend@{ratio}": ("blend", {**base, "recomp_ratio": ratio}),
+             f"blend@{ratio} gradual [1,8] .5/{ratio} k_l2": (
+                 "blend", {**base, "recomp_ratio": ratio, "check_layers": [1, 8],
+                           "recomp_ratios": [0.5, ratio], "deviation": "k_l2"})}
     scores = {k: {"em": [], "f1": []} for k in modes}
     system = "Answer the question with a short phrase taken from the documents."
     for i, (docs, q, golds) in enumerate(items):
@@ -221,7 +257,7 @@ def plot(results: dict, path: Path) -> None:
         return
     pts = sorted((float(k.split("@")[1]), v) for k, v in prose.items() if k.startswith("blend@"))
     xs = [p[0] for p in pts]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     ax[0].plot(xs, [p[1]["kl"] for p in pts], "o-", label="blend")
     ax[0].axhline(prose["reuse"]["kl"], color="r", ls="--", label="full reuse")
     ax[0].set(xlabel="recomp_ratio", ylabel="mean KL(full || x), question tokens",
@@ -231,11 +267,29 @@ def plot(results: dict, path: Path) -> None:
     ax[1].axhline(prose["reuse"]["top1"], color="r", ls="--", label="full reuse (top-1)")
     ax[1].set(xlabel="recomp_ratio", ylabel="agreement with full prefill",
               title="SmolLM2: agreement with full prefill")
+    # Quality against cost: the ratio sweep at check layer 1, and every knob at final ratio 0.15.
+    ax[2].plot([p[1].get("compute", p[0]) for p in pts], [p[1]["kl"] for p in pts], "o-",
+               label="check layer 1, r = 0.05 .. 1.0")
+    for k, v in prose.items():
+        if k.startswith(("variant@", "plain ")) and "compute" in v:
+            ax[2].scatter(v["compute"], v["kl"], s=18)
+            ax[2].annotate(k.replace("variant@0.15 ", "").split(" (")[0], (v["compute"], v["kl"]),
+                           fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax[2].set(xlabel="compute (share of a full prefill's layer work)", xlim=(0, 0.45),
+              ylim=(0, 0.08), ylabel="mean KL(full || x)", title="SmolLM2: KL against compute")
     for a in ax:
-        a.legend()
+        a.legend(fontsize=7)
         a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def print_prose(r: dict) -> None:
+    print(f"{'setting':<56}{'KL':>8}{'top1':>7}{'compute':>9}{'gen_exact':>10}{'gen_prefix':>11}")
+    for k, v in r.items():
+        if not k.startswith("_"):
+            print(f"{k:<56}{v['kl']:>8.4f}{v['top1']:>7.3f}{v.get('compute', 1.0):>9.3f}"
+                  f"{v.get('gen_exact', float('nan')):>10.2f}{v.get('gen_prefix', float('nan')):>11.1f}")
 
 
 def main() -> None:
@@ -259,6 +313,7 @@ def main() -> None:
         squad = [p for p in args.merge if "squad_multidoc" in Path(p).read_text()]
         if prose:
             results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = merge_shards(prose)
+            print_prose(results["SmolLM2-135M-Instruct"]["pydoc_prose"])
         if squad:
             raw: dict = {}
             for p in squad:
@@ -273,19 +328,15 @@ def main() -> None:
         shard = tuple(int(x) for x in args.shard.split("/"))
         r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants, shard=shard)
         results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
-        print(f"{'setting':<44}{'KL':>9}{'top1':>8}{'gen_exact':>11}{'gen_prefix':>12}")
-        for k, v in r.items():
-            if not k.startswith("_"):
-                print(f"{k:<44}{v['kl']:>9.4f}{v['top1']:>8.3f}"
-                      f"{v.get('gen_exact', float('nan')):>11.2f}{v.get('gen_prefix', float('nan')):>12.1f}")
+        print_prose(r)
     if args.only in (None, "squad"):
         hb = load("Qwen2.5-Coder-0.5B-Instruct")
         r = run_squad(hb, args.n or 40, base, shard=tuple(int(x) for x in args.shard.split("/")))
         results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = r
-        print(f"{'setting':<14}{'EM':>8}{'F1':>8}")
+        print(f"{'setting':<44}{'EM':>8}{'F1':>8}")
         for k, v in r.items():
             if not k.startswith("_"):
-                print(f"{k:<14}{v['em']:>8.2f}{v['f1']:>8.2f}")
+                print(f"{k:<44}{v['em']:>8.2f}{v['f1']:>8.2f}")
     # Re-read before writing: a prose run and a squad run may share one file.
     latest = json.loads(out_path.read_text()) if out_path.exists() else {}
     for model, sets in results.items():
