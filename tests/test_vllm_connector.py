@@ -30,6 +30,8 @@ ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096,
 SEP = "\n###\n"
 GEN = 32
 KL_TARGET = 0.036  # engine issue: plain CacheBlend at r=0.15 on SmolLM2 (its own prompt set)
+TUNED = {"recomp_ratio": 0.15, "check_layers": [1, 8], "recomp_ratios": [0.5, 0.15],
+         "deviation": "k_l2"}  # docs/tuning.md
 
 
 def _passages(n: int, size: int = 700) -> list[str]:
@@ -301,6 +303,15 @@ def test_b_reuse_other_order_and_position(llm, cases, reference, smollm2_fp32, t
           f"offline engine {[round(k, 4) for k in offline]} mean {mean_off:.4f}; "
           f"engine-issue target {KL_TARGET}")
     assert mean_kl <= max(KL_TARGET, 1.1 * mean_off), (kls, offline)
+    # The tuning guide's setting, same final ratio, per request through the connector:
+    # it meets the engine issue's target outright (offline on these prompts: ~0.012).
+    tuned = [blend.BlendPrompt(ids, spans, cache_fuse_metadata=TUNED) for ids, spans in cases["reuse"]]
+    outs = llm.generate(tuned, _kl_params(), use_tqdm=False)
+    kls_t = [_kl(ref["question_logprobs"], _question_logprobs(o, spans[-1][1]))
+             for o, ref, (_, spans) in zip(outs, reference["reuse"], cases["reuse"])]
+    print(f"tuned {TUNED}: {[round(k, 4) for k in kls_t]}")
+    assert all(_report(o)["chunk_hits"] == 4 for o in outs)
+    assert sum(kls_t) / len(kls_t) <= KL_TARGET, kls_t
 
 
 def test_c_persistence_in_a_new_process(llm, cases, store_dir, smollm2_path, tmp_path):
