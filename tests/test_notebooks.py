@@ -38,9 +38,12 @@ def monkeypatch_module():
 
 
 @pytest.mark.parametrize("name", ["deviation.ipynb", "tuning.ipynb"])
-def test_notebook_executes(name, kernel_name):
+def test_notebook_executes(name, kernel_name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
+
+    figs = tmp_path / "figures"  # not notebooks/figures: a test run leaves the tree clean
+    monkeypatch.setenv("CACHEBLEND_FIGURES", str(figs))
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     start = time.time()
@@ -49,8 +52,7 @@ def test_notebook_executes(name, kernel_name):
     saved = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if o.get("output_type") == "error"]
     assert not saved  # execute() raises on an error; this guards allow_errors drift
-    figures = {p.name for p in (NOTEBOOKS / "figures").glob("*.png")
-               if p.stat().st_mtime >= start - 1}  # written by this run
+    figures = {p.name for p in figs.glob("*.png") if p.stat().st_mtime >= start - 1}
     sources = "\n".join(c.source for c in nb.cells)
     for png in [s.split('"')[1] for s in sources.split("FIGS / ")[1:]]:
         assert png in figures, f"{name} did not save {png}"
