@@ -106,10 +106,8 @@ class BlendScheduler:
         if num_computed_tokens >= end:
             # vLLM's prefix cache already holds the whole context (this prompt ran before):
             # nothing to load, but the output still says how its context was served.
-            n = sum(e - s for s, e in spans)
-            self._reports.setdefault(rid, {
-                "chunks": len(spans), "chunk_hits": 0, "chunk_tokens": n, "chunk_hit_tokens": 0,
-                "num_local": num_computed_tokens, "num_external": 0, "prefix_cached": True})
+            self._reports.setdefault(rid, {**_report(spans, [False] * len(spans),
+                                                     num_computed_tokens, 0), "prefix_cached": True})
             return 0, False
         keys = [chunk_key(self.fingerprint, prompt[s:e]) for s, e in spans]
         hits = self.store.lookup(keys)
@@ -141,22 +139,11 @@ class BlendScheduler:
         # What vLLM kept of its own prefix hit: the rest of the context is ours.
         plan.num_local = plan.context_end - num_external_tokens
         self._to_load[rid] = (request, plan)
-        self._count(plan)
-        n = [e - s for s, e in plan.spans]
-        self._reports[rid] = {
-            "chunks": len(plan.keys), "chunk_hits": sum(plan.hits),
-            "chunk_tokens": sum(n), "chunk_hit_tokens": sum(x for x, h in zip(n, plan.hits) if h),
-            "num_local": plan.num_local, "num_external": num_external_tokens,
-        }
-
-    def _count(self, plan: _Plan) -> None:
-        st = self.stats
-        st["blended_requests"] += 1
-        st["chunks"] += len(plan.keys)
-        st["chunk_hits"] += sum(plan.hits)
-        n = [e - s for s, e in plan.spans]
-        st["chunk_tokens"] += sum(n)
-        st["chunk_hit_tokens"] += sum(x for x, h in zip(n, plan.hits) if h)
+        rep = _report(plan.spans, plan.hits, plan.num_local, num_external_tokens)
+        self._reports[rid] = rep
+        self.stats["blended_requests"] += 1
+        for k in ("chunks", "chunk_hits", "chunk_tokens", "chunk_hit_tokens"):
+            self.stats[k] += rep[k]
 
     def build_connector_meta(self, so: SchedulerOutput) -> BlendConnectorMetadata:
         meta = BlendConnectorMetadata()
@@ -200,3 +187,11 @@ class BlendScheduler:
         self._to_load.pop(request.request_id, None)
         report = self._reports.pop(request.request_id, None)
         return None if report is None else {PARAMS_KEY: report}
+
+
+def _report(spans: list[Span], hits: list[bool], num_local: int, num_external: int) -> dict:
+    """What a request got from the store: its output's `kv_transfer_params["blend"]`."""
+    n = [e - s for s, e in spans]
+    return {"chunks": len(spans), "chunk_hits": sum(hits), "chunk_tokens": sum(n),
+            "chunk_hit_tokens": sum(x for x, h in zip(n, hits) if h),
+            "num_local": num_local, "num_external": num_external}

@@ -83,7 +83,7 @@ class UcmStore(ChunkStore):
         # UCM's store is released by close(), when this object is collected, or at exit
         # (atexit), whichever comes first: never at interpreter teardown, after CUDA is gone.
         self._box = [UcmConnectorFactoryV1.create_connector("UcmPipelineStore", config)]
-        self._release = weakref.finalize(self, _release, self._box, shm)
+        self._finalizer = weakref.finalize(self, _release, self._box, shm)
 
     @property
     def _s(self) -> Any:
@@ -220,7 +220,7 @@ class UcmStore(ChunkStore):
         log.info("cleared UCM storage under %s", [str(p) for p in self.paths])
 
     def close(self) -> None:
-        self._release()
+        self._finalizer()
 
     def _extra_stats(self) -> dict:
         return {"pipeline": self.pipeline, "block_size": self.bs,
