@@ -7,7 +7,7 @@ moved to its new offset with HF's own rotary embedding (R(p + d) = R(d) R(p)).
 The question is always recomputed and gets the logits. V deviation L2² at the
 check layers, an exact causal mask by position, fp32.
 
-Used by `bench/quality.py --plain` (does our blender match plain CacheBlend on
+Used by `bench/quality.py --variants` (does our blender match plain CacheBlend on
 our prompt set?) and by `tests/test_blend_vs_plain.py`.
 """
 
@@ -52,7 +52,7 @@ def plain_blend(model, prefix: list[int], chunks: list[list[int]], question: lis
     ids = torch.tensor(ctx + question)
     n_ctx, n = len(ctx), len(ctx) + len(question)
     pos = torch.arange(n)
-    cos_all, sin_all = m.rotary_emb(torch.zeros(1, dtype=torch.float32), pos[None])
+    cos_all, sin_all = m.rotary_emb(torch.zeros(1), pos[None])
     cos_all, sin_all = cos_all[0], sin_all[0]  # [n, D]
 
     # Cached context KV: each piece alone, K moved from 0..len-1 to its offset.

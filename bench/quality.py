@@ -206,14 +206,15 @@ def summarize(acc: dict[str, dict[str, list[float]]], gen_tokens: int) -> dict:
     return out
 
 
-def merge_shards(paths: list[str], gen_tokens: int = 32) -> dict:
+def merge_raw(paths: list[str], model: str, dataset: str) -> dict[str, dict[str, list[float]]]:
+    """The per-prompt values (`_raw`) of one model/dataset from several shard files, joined."""
     acc: dict[str, dict[str, list[float]]] = {}
     for p in paths:
-        raw = json.loads(Path(p).read_text())["SmolLM2-135M-Instruct"]["pydoc_prose"]["_raw"]
+        raw = json.loads(Path(p).read_text())[model][dataset]["_raw"]
         for name, m in raw.items():
             for k, v in m.items():
                 acc.setdefault(name, {}).setdefault(k, []).extend(v)
-    return summarize(acc, gen_tokens)
+    return acc
 
 
 def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24,
@@ -312,26 +313,22 @@ def main() -> None:
         prose = [p for p in args.merge if "pydoc_prose" in Path(p).read_text()]
         squad = [p for p in args.merge if "squad_multidoc" in Path(p).read_text()]
         if prose:
-            results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = merge_shards(prose)
-            print_prose(results["SmolLM2-135M-Instruct"]["pydoc_prose"])
+            r = summarize(merge_raw(prose, "SmolLM2-135M-Instruct", "pydoc_prose"), 32)
+            results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
+            print_prose(r)
         if squad:
-            raw: dict = {}
-            for p in squad:
-                doc = json.loads(Path(p).read_text())["Qwen2.5-Coder-0.5B-Instruct"]["squad_multidoc"]
-                for k, m in doc["_raw"].items():
-                    for metric, v in m.items():
-                        raw.setdefault(k, {}).setdefault(metric, []).extend(v)
+            raw = merge_raw(squad, "Qwen2.5-Coder-0.5B-Instruct", "squad_multidoc")
             results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = \
                 summarize_squad(raw)
+    shard = tuple(int(x) for x in args.shard.split("/"))
     if args.only in (None, "prose"):
         hb = load("SmolLM2-135M-Instruct")
-        shard = tuple(int(x) for x in args.shard.split("/"))
         r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants, shard=shard)
         results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
         print_prose(r)
     if args.only in (None, "squad"):
         hb = load("Qwen2.5-Coder-0.5B-Instruct")
-        r = run_squad(hb, args.n or 40, base, shard=tuple(int(x) for x in args.shard.split("/")))
+        r = run_squad(hb, args.n or 40, base, shard=shard)
         results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = r
         print(f"{'setting':<44}{'EM':>8}{'F1':>8}")
         for k, v in r.items():

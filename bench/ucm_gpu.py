@@ -33,28 +33,20 @@ CONFIGS = {
 
 def child(root: str, ucm_config: dict, reps: int) -> None:
     """Runs in the child: prints one JSON line per phase."""
-    import types
-
     import torch
 
-    # The store needs none of blend's vLLM wiring (and vLLM is not installed on the GPU box).
-    pkg = types.ModuleType("blend")
-    pkg.__path__ = [str(Path(__file__).resolve().parent.parent / "blend")]
-    sys.modules.setdefault("blend", pkg)
-    from blend.store import open_store
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.store import gbps, med, open_store  # imports blend bare where vLLM is absent
 
     def say(**kw) -> None:
         print(json.dumps(kw), flush=True)
 
-    def gbps(nbytes: int, fn) -> float:
-        ts = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
+    def rate(nbytes: int, fn) -> float:
+        def synced() -> None:
             fn()
             torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        return round(nbytes / sorted(ts)[len(ts) // 2] / 1e9, 2)
+        torch.cuda.synchronize()
+        return gbps(nbytes, med(synced, reps))
 
     fp = "f" * 16
     no_close = ucm_config.pop("_no_close", False)
@@ -68,9 +60,9 @@ def child(root: str, ucm_config: dict, reps: int) -> None:
     k0 = next(keys)
     assert s.put(k0, x)
     out = torch.empty_like(x)
-    res = {"put_gbps": gbps(nb, lambda: s.put(next(keys), x)),
-           "load_gbps": gbps(nb, lambda: s.load(k0, out)),
-           "get_gbps": gbps(nb, lambda: s.get(k0))}
+    res = {"put_gbps": rate(nb, lambda: s.put(next(keys), x)),
+           "load_gbps": rate(nb, lambda: s.load(k0, out)),
+           "get_gbps": rate(nb, lambda: s.get(k0))}
     got = s.get(k0)
     res["bit_exact"] = bool(s.load(k0, out) and torch.equal(out, x) and got is not None
                             and torch.equal(got.to("cuda"), x))

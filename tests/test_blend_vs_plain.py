@@ -6,9 +6,9 @@ re-rotation, mask and fusion of the product are what CacheBlend specifies.
 """
 
 import pytest
-import torch
 
 from bench.plain_cacheblend import plain_blend
+from bench.quality import kl as _kl
 
 SYSTEM = "Answer the question using only the documents below."
 QUESTION = "What does the document about exceptions say? Answer in one sentence."
@@ -20,11 +20,6 @@ def hb(smollm2_fp32):
 
     model, tok = smollm2_fp32
     return HFBlender(model, tok)
-
-
-def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    p, q = p.log_softmax(-1), q.log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("meta", [
