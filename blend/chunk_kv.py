@@ -16,6 +16,7 @@ import torch
 
 from blend.blender import Blender, BlendSeq
 from blend.kv import PagedKV, slots_for
+from blend.triton_kernels._paged import to_device
 
 
 @dataclass
@@ -36,7 +37,7 @@ def compute_chunk_kv(blender: Blender, token_ids: Sequence[int]) -> torch.Tensor
     row = kv.allocate(n)
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     blender.run([BlendSeq(ids, 0, row)], kv, blend=False)
-    slots = slots_for(row.to(a.device), torch.arange(n, device=a.device), kv.block_size)
+    slots = to_device(slots_for(row, torch.arange(n), kv.block_size), torch.device(a.device))
     return read_kv(kv, slots)
 
 
@@ -48,29 +49,23 @@ def read_kv(kv, slots: torch.Tensor) -> torch.Tensor:
     return torch.stack(layers)
 
 
-def load_layer(blender: Blender, kv, layer: int, placements: Sequence[Placement]) -> None:
-    """Write one layer of each placed chunk into the cache and re-rotate its K in place."""
-    if not placements:
-        return
-    ops = blender.ops
-    k_cache, v_cache = kv.layer(layer)
-    slots = torch.cat([p.slots for p in placements])
-    k = torch.cat([p.kv[layer, 0] for p in placements]).to(k_cache.device, non_blocking=True)
-    v = torch.cat([p.kv[layer, 1] for p in placements]).to(v_cache.device, non_blocking=True)
-    ops.fuse_kv(k_cache, v_cache, slots, k, v)
-    deltas = [p.delta for p in placements]
-    if any(deltas):
-        delta = torch.cat([torch.full((p.slots.numel(),), p.delta, dtype=torch.int32)
-                           for p in placements]).to(k_cache.device, non_blocking=True)
-        ops.rerotate_k(k_cache, slots, delta, blender.delta_table(max(deltas)),
-                       blender.adapter.rope.is_neox)
+def _layer_load(blender: Blender, kv, placements: Sequence[Placement]):
+    from blend.chunk_loader import LayerLoad, Piece, source_for
+
+    dev = torch.device(blender.adapter.device)
+    pieces = [Piece(source_for("", p.kv, dev, None, False)[0], 0, int(p.kv.shape[2]), p.slots,
+                    p.delta) for p in placements]
+    return LayerLoad(blender, kv, pieces)
 
 
 def load_all(blender: Blender, kv, placements: Sequence[Placement]) -> None:
+    """Place every layer of every chunk now (a reuse run that computes no context)."""
+    load = _layer_load(blender, kv, placements)
     for layer in range(blender.adapter.num_layers):
-        load_layer(blender, kv, layer, placements)
+        load.hook(layer)
 
 
 def layer_loader(blender: Blender, kv, placements: Sequence[Placement]) -> Callable[[int], None]:
-    """A `layer_hook` that loads each layer's chunk KV just before the blend reads it."""
-    return lambda layer: load_layer(blender, kv, layer, placements)
+    """A `layer_hook` that places each layer's chunk KV just before the blend reads it
+    (`blend.chunk_loader.LayerLoad`: the connector's loader, with device-resident chunks)."""
+    return _layer_load(blender, kv, placements).hook

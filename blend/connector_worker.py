@@ -3,11 +3,12 @@
 Runs inside `start_load_kv`, before the step's forward, for every blended
 request of the step in one batched `Blender.run`:
 
-1. each chunk's standalone KV comes from the store (or, on a miss, is
-   computed now from the chunk alone and stored after the step);
-2. it is written into the request's own blocks and its K re-rotated from
-   positions `0..n-1` to where the chunk sits, layer by layer just before the
-   blender reads that layer;
+1. each chunk's standalone KV comes from the GPU tier or the store (or, on a
+   miss, is computed now from the chunk alone and stored after the step);
+2. `blend.chunk_loader.LayerLoad` writes it into the request's own blocks and
+   re-rotates its K from positions `0..n-1` to where the chunk sits, layer by
+   layer just before the blender reads that layer, with the copies from pinned
+   host memory running a few layers ahead on a side stream;
 3. text between chunks (and any chunk whose KV is unavailable) is forced into
    the recompute set, everything else competes on deviation;
 4. the fused KV stays in vLLM's blocks, and vLLM prefills the question.
@@ -18,7 +19,9 @@ recomputed: no path leaves a claimed block unwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +29,15 @@ from typing import Any
 import torch
 
 from blend.blender import Blender, BlendSeq, BlendTrace
-from blend.chunk_kv import Placement, compute_chunk_kv, layer_loader
+from blend.chunk_kv import compute_chunk_kv
+from blend.chunk_loader import (
+    ChunkSource,
+    DeviceTier,
+    LayerLoad,
+    Piece,
+    resolve_gpu_bytes,
+    source_for,
+)
 from blend.config import BlendConfig
 from blend.connector_identity import vllm_identity
 from blend.connector_kv import layer_views, probe_cpu_layout
@@ -36,6 +47,23 @@ from blend.kv import slots_for
 from blend.log import get_logger
 
 log = get_logger("Connector")
+
+# One blend run holds at most this many context tokens (a larger request runs alone): the
+# full-recompute layers' activations and the device copies of host chunks scale with it.
+MAX_RUN_TOKENS = 32768
+
+
+@contextlib.contextmanager
+def _sync_check():
+    """With BLEND_SYNC_CHECK=1 on CUDA, any device sync inside raises (the hot-path test)."""
+    on = os.environ.get("BLEND_SYNC_CHECK") == "1" and torch.cuda.is_available()
+    if on:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if on:
+            torch.cuda.set_sync_debug_mode(0)
 
 
 class VllmPagedKV:
@@ -59,7 +87,9 @@ class WorkerStats:
     chunk_hit_tokens: int = 0
     blended_tokens: int = 0
     recomputed_tokens: int = 0
-    bytes_loaded: int = 0
+    bytes_loaded: int = 0  # host -> device bytes for chunk KV
+    gpu_hits: int = 0  # chunks served by the GPU tier (no copy)
+    pinned_on_load: int = 0  # chunks a backend returned pageable, pinned on the way (slow)
     load_ms: float = 0.0
     blend_ms: float = 0.0
     computed_chunks: int = 0
@@ -87,6 +117,7 @@ class BlendWorker:
         self.blender: Blender | None = None
         self.kv: VllmPagedKV | None = None
         self.store = None
+        self.gpu_tier: DeviceTier | None = None
         self.stats = WorkerStats()
         self._pending_puts: list[tuple[str, torch.Tensor]] = []
         self.trace_dir = extra.get("trace_dir")
@@ -132,9 +163,17 @@ class BlendWorker:
                                                 adapter.num_kv_heads, adapter.head_dim,
                                                 self.block_size))
         self.blender = Blender(adapter, self.config, ops=ops)
-        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, store %s",
-                 type(adapter.model).__name__, adapter.num_layers, self.block_size, backend,
-                 self.blender.ops.name, type(self.store).__name__)
+        # Built now: its first build copies host tables to the device (a sync).
+        self.blender.delta_table(self.vllm_config.model_config.max_model_len)
+        from blend.store.spec import parse
+
+        gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
+                                      torch.device(adapter.device))
+        self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
+        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, store %s, "
+                 "GPU tier %.1f GiB", type(adapter.model).__name__, adapter.num_layers,
+                 self.block_size, backend, self.blender.ops.name, type(self.store).__name__,
+                 gpu_bytes / (1 << 30))
 
     def _backend_name(self, layer_name: str) -> str:
         layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
@@ -152,36 +191,54 @@ class BlendWorker:
                                 kv.dtype)
 
     # ------------------------------------------------------------------ per step
-    def _chunk_kv(self, req: BlendRequest, i: int) -> torch.Tensor | None:
+    def _chunk_kv(self, req: BlendRequest, i: int, sources: dict[str, ChunkSource]
+                  ) -> ChunkSource | None:
+        """Chunk `i`'s KV for this run: GPU tier, then the store, then (on a miss) computed."""
         ch = req.chunks[i]
         a = self.blender.adapter
-        t0 = time.perf_counter()
-        kv = self.store.get(ch.key) if self.store is not None else None
-        if kv is not None:
-            n = ch.end - ch.start
-            if tuple(kv.shape) != (a.num_layers, 2, n, a.num_kv_heads, a.head_dim):
-                log.warning("chunk %s: stored shape %s does not fit; recomputing",
-                            ch.key[:12], tuple(kv.shape))
-                kv = None
-            else:
-                self.stats.bytes_loaded += kv.numel() * kv.element_size()
-                kv = kv.to(a.device, a.dtype, non_blocking=True)
-                self.stats.chunk_hits += 1
-                self.stats.chunk_hit_tokens += n
-        self.stats.load_ms += (time.perf_counter() - t0) * 1e3
-        if kv is None and req.on_miss == "compute":
-            kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
-            self._pending_puts.append((ch.key, kv.detach().to("cpu")))
-            self.stats.computed_chunks += 1
-        return kv
+        n = ch.end - ch.start
+        src = sources.get(ch.key)
+        if src is None:
+            t0 = time.perf_counter()
+            t = self.gpu_tier.get(ch.key) if self.gpu_tier is not None else None
+            in_tier = t is not None
+            if t is None and self.store is not None:
+                t = self.store.fetch(ch.key)
+            if t is not None and (tuple(t.shape) != (a.num_layers, 2, n, a.num_kv_heads,
+                                                     a.head_dim) or t.dtype != a.dtype):
+                log.warning("chunk %s: stored %s %s does not fit; recomputing", ch.key[:12],
+                            tuple(t.shape), t.dtype)
+                t = None
+            if t is not None:
+                src, pinned = source_for(ch.key, t, torch.device(a.device), self.gpu_tier, in_tier)
+                self.stats.gpu_hits += int(in_tier)
+                self.stats.pinned_on_load += int(pinned)
+                if src.host is not None:
+                    self.stats.bytes_loaded += t.numel() * t.element_size()
+            self.stats.load_ms += (time.perf_counter() - t0) * 1e3
+            if src is None and req.on_miss == "compute":
+                kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
+                self._pending_puts.append((ch.key, kv))
+                if self.gpu_tier is not None:
+                    self.gpu_tier.put(ch.key, kv)
+                src = ChunkSource(ch.key, None, kv)
+                self.stats.computed_chunks += 1
+                sources[ch.key] = src
+                return src
+            if src is None:
+                return None
+            sources[ch.key] = src
+        self.stats.chunk_hits += 1
+        self.stats.chunk_hit_tokens += n
+        return src
 
-    def _plan(self, req: BlendRequest, config: BlendConfig) -> tuple[BlendSeq, list[Placement]]:
-        """The request's BlendSeq over `[num_local, context_end)` and its chunk placements."""
-        a = self.blender.adapter
+    def _plan(self, req: BlendRequest, config: BlendConfig, sources: dict[str, ChunkSource]
+              ) -> tuple[BlendSeq, list[Piece]]:
+        """The request's BlendSeq over `[num_local, context_end)` and its chunk pieces."""
         p0, end = req.num_local, req.context_end
         row = torch.tensor(req.block_ids, dtype=torch.int32)
         forced = torch.ones(end - p0, dtype=torch.bool)  # text is recomputed unless a chunk covers it
-        placements: list[Placement] = []
+        pieces: list[Piece] = []
         sink = config.sink_tokens
         for i, ch in enumerate(req.chunks):
             lo, hi = max(ch.start, p0), min(ch.end, end)
@@ -189,17 +246,16 @@ class BlendWorker:
             self.stats.chunk_tokens += ch.end - ch.start
             if lo >= hi:
                 continue  # wholly inside vLLM's prefix cache (or past the context)
-            kv = self._chunk_kv(req, i)
-            if kv is None:
+            src = self._chunk_kv(req, i, sources)
+            if src is None:
                 continue  # stays forced: recomputed like text
-            pos = torch.arange(lo, hi)
-            slots = slots_for(row, pos, self.block_size).to(a.device)
-            placements.append(Placement(kv[:, :, lo - ch.start: hi - ch.start], slots, ch.start))
+            slots = slots_for(row, torch.arange(lo, hi), self.block_size)  # host: no sync
+            pieces.append(Piece(src, lo - ch.start, hi - ch.start, slots, ch.start))
             forced[lo - p0: hi - p0] = False
             if sink and ch.start >= p0:
                 forced[ch.start - p0: min(ch.start + sink, hi) - p0] = True
         ids = torch.tensor(req.token_ids[p0:end], dtype=torch.long)
-        return BlendSeq(ids, p0, row, forced), placements
+        return BlendSeq(ids, p0, row, forced), pieces
 
     def start_load_kv(self, requests: list[BlendRequest]) -> None:
         if not requests:
@@ -208,8 +264,14 @@ class BlendWorker:
         groups: dict[str, list[BlendRequest]] = {}
         for req in requests:  # one batched run per distinct per-request config
             groups.setdefault(json.dumps(req.config, sort_keys=True), []).append(req)
-        for reqs in groups.values():
-            self._run(reqs)
+        traced = []
+        with _sync_check():
+            for reqs in groups.values():
+                for run in _by_tokens(reqs, MAX_RUN_TOKENS):
+                    traced.append(self._run(run))
+        for item in traced:  # tracing reads GPU timings: a sync, kept off the checked path
+            if item is not None:
+                self._write_traces(*item)
 
     def _blender_for(self, config: dict | None) -> Blender:
         if config is None:
@@ -219,47 +281,81 @@ class BlendWorker:
             self._blenders[key] = self.blender.with_config(BlendConfig.from_dict(config))
         return self._blenders[key]
 
-    def _run(self, requests: list[BlendRequest]) -> None:
+    def _run(self, requests: list[BlendRequest]) -> tuple | None:
+        """Blend one batch; returns what its traces need when tracing is on."""
         t0 = time.perf_counter()
         blender = self._blender_for(requests[0].config)
-        seqs, placements = [], []
+        seqs, pieces, sources = [], [], {}
+        fetch0 = self.stats.load_ms
         for req in requests:
-            seq, pl = self._plan(req, blender.config)
+            seq, pcs = self._plan(req, blender.config, sources)
             seqs.append(seq)
-            placements += pl
+            pieces += pcs
+        fetch_ms = self.stats.load_ms - fetch0
+        load = LayerLoad(blender, self.kv, pieces)
         trace = BlendTrace() if self.trace_dir else None
-        out = blender.run(seqs, self.kv, blend=True, trace=trace,
-                          layer_hook=_hook(layer_loader(blender, self.kv, placements), trace))
+        cuda = load.cuda
+        events = None
+        if trace is not None and cuda:
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            events[0].record()
+        hook = load.hook if trace is None or cuda else _timed(load.hook, trace)
+        out = blender.run(seqs, self.kv, blend=True, trace=trace, layer_hook=hook)
+        load.finish(self.gpu_tier)
+        if events is not None:
+            events[1].record()
         st = self.stats
         st.blended_requests += len(requests)
         st.blended_tokens += sum(int(s.token_ids.numel()) for s in seqs)
         st.recomputed_tokens += sum(int(x.numel()) for x in out.selected)
         st.blend_ms += (time.perf_counter() - t0) * 1e3
-        if trace is not None:
-            self._write_traces(requests, seqs, out.selected, trace)
-        log.debug("blended %d request(s), %d tokens, %d recomputed, %.1f ms", len(requests),
+        log.debug("blended %d request(s), %d tokens, %d recomputed, %.1f ms host", len(requests),
                   sum(int(s.token_ids.numel()) for s in seqs),
                   sum(int(x.numel()) for x in out.selected), (time.perf_counter() - t0) * 1e3)
+        if trace is None:
+            return None
+        trace.timings_ms["fetch"] = fetch_ms
+        return requests, seqs, out.selected, trace, load, events
 
     def wait_for_save(self) -> None:
-        """Store the chunk KV computed for misses this step (off the blend's critical path)."""
+        """Store the chunk KV computed for misses this step (after the forward was queued,
+        so the copy to the host waits for the GPU here, not inside the blend)."""
         puts, self._pending_puts = self._pending_puts, []
         for key, kv in puts:
-            if self.store.put(key, kv):
+            if self.store.put(key, kv.detach().to("cpu")):
                 self.stats.stored_chunks += 1
 
-    def _write_traces(self, requests, seqs, selected, trace: BlendTrace) -> None:
+    def _write_traces(self, requests, seqs, selected, trace: BlendTrace, load: LayerLoad,
+                      events) -> None:
         from blend.trace import write_batch
 
+        if events is not None:  # GPU time of the blend and of the copies
+            events[1].synchronize()
+            trace.timings_ms["blend"] = float(events[0].elapsed_time(events[1]))
+            copy = load.copy_ms()
+            if copy is not None:
+                trace.timings_ms["load"] = copy
         cfg = self._blender_for(requests[0].config).config
         for doc in write_batch(self.trace_dir, trace, seqs, cfg, requests):
             self.last_traces[doc["req_id"]] = doc
 
 
-def _hook(hook, trace: BlendTrace | None):
-    """With tracing on, time each layer's load and compute (blend.trace.timed_layer_hook)."""
-    if trace is None:
-        return hook
+def _by_tokens(requests: list[BlendRequest], budget: int) -> list[list[BlendRequest]]:
+    """Consecutive runs of requests holding at most `budget` blended tokens each."""
+    runs: list[list[BlendRequest]] = []
+    size = 0
+    for req in requests:
+        if runs and size + req.num_blend <= budget:
+            runs[-1].append(req)
+            size += req.num_blend
+        else:
+            runs.append([req])
+            size = req.num_blend
+    return runs
+
+
+def _timed(hook, trace: BlendTrace):
+    """On the CPU, time each layer's load and compute (blend.trace.timed_layer_hook)."""
     from blend.trace import timed_layer_hook
 
     return timed_layer_hook(hook, trace)

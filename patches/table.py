@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 # major.minor of vLLM -> the release we checked the patch points against.
 SUPPORTED: dict[str, str] = {
+    "0.26": "0.26.0 (GPU build for torch 2.11, run on the H200)",
     "0.32": "0.32.0 (CPU build, run in CI)",
     "0.33": "0.33 (GPU build, read from source)",
 }
@@ -38,14 +39,21 @@ _RUNNERS_V2 = (
     PatchPoint("model capture", "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.load_model", "capture", optional=True),
     PatchPoint("model capture", "vllm.v1.worker.cpu.model_runner", "CPUModelRunner.load_model", "capture", optional=True),
 )
-_COMMON = (
-    PatchPoint("connector registered", "vllm.distributed.kv_transfer.kv_connector.factory", "KVConnectorFactory", "register"),
-    *_RUNNERS_V1,
-    *_RUNNERS_V2,
-    PatchPoint("prompt spans", "vllm.entrypoints.common.offline", "OfflineInferenceMixin._add_completion_requests", "prompt_spans"),
-)
+_REGISTER = PatchPoint("connector registered", "vllm.distributed.kv_transfer.kv_connector.factory",
+                       "KVConnectorFactory", "register")
 
-TABLE: dict[str, tuple[PatchPoint, ...]] = {"0.32": _COMMON, "0.33": _COMMON}
+
+def _prompt_spans(module: str) -> PatchPoint:
+    return PatchPoint("prompt spans", module, "OfflineInferenceMixin._add_completion_requests",
+                      "prompt_spans")
+
+
+_COMMON = (_REGISTER, *_RUNNERS_V1, *_RUNNERS_V2, _prompt_spans("vllm.entrypoints.common.offline"))
+# 0.26: the same mixin and method, one module up (`entrypoints/offline_utils.py`); the GPU
+# V2 runner is the default there (`v1/worker/gpu/model_runner.py`).
+_V026 = (_REGISTER, *_RUNNERS_V1, *_RUNNERS_V2, _prompt_spans("vllm.entrypoints.offline_utils"))
+
+TABLE: dict[str, tuple[PatchPoint, ...]] = {"0.26": _V026, "0.32": _COMMON, "0.33": _COMMON}
 
 
 def version_key(version: str) -> str:

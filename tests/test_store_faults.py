@@ -62,9 +62,10 @@ def filled(tmp_path):
 def _miss_counted(s, k, x, reason):
     assert s.get(k) is None
     assert not s.load(k, torch.empty_like(x))
+    assert s.fetch(k) is None  # the serving path's read
     st = s.stats()
-    assert st["errors"].get(reason, 0) == 2, st["errors"]
-    assert st["misses"] >= 2
+    assert st["errors"].get(reason, 0) == 3, st["errors"]
+    assert st["misses"] >= 3
 
 
 def test_truncated_file(filled):
@@ -73,7 +74,7 @@ def test_truncated_file(filled):
     os.truncate(p, os.path.getsize(p) - 1000)
     _miss_counted(s, k, x, "truncated")
     os.truncate(p, 40)  # inside the header
-    assert s.get(k) is None and s.stats()["errors"]["truncated"] == 3
+    assert s.get(k) is None and s.stats()["errors"]["truncated"] == 4
 
 
 @pytest.mark.parametrize("where, reason", [("payload", "checksum"), ("header", "checksum"),
@@ -124,7 +125,7 @@ def test_permission_denied(filled, monkeypatch):
     monkeypatch.setattr(disk_mod, "_open", deny)
     _miss_counted(s, k, x, "permission")
     assert not s.put(key("new"), x)
-    assert s.stats()["errors"]["permission"] == 3
+    assert s.stats()["errors"]["permission"] == 4
     monkeypatch.undo()
     assert same(s.get(k), x)  # nothing was damaged
 

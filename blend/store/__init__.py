@@ -1,7 +1,8 @@
 """Chunk KV stores: `open_store(spec, fingerprint)` returns the configured backend.
 
 `local` (default): memory LRU + shared disk directory. `ucm`: the real UCM v1
-`UcmPipelineStore` (needs the uc-manager package, Python 3.12).
+`UcmPipelineStore` (needs the uc-manager package, Python 3.12). The spec's
+`gpu_bytes` is not the backend's: the worker's GPU tier reads it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def open_store(spec: str | dict | None, fingerprint: str) -> ChunkStore:
                           pin_memory=cfg["pin_memory"], promote=cfg["promote"])
     from blend.store.ucm import UcmStore
 
-    return UcmStore(fingerprint, **{k: v for k, v in cfg.items() if k != "backend"})
+    return UcmStore(fingerprint, **{k: v for k, v in cfg.items()
+                                    if k not in ("backend", "gpu_bytes")})
 
 
 __all__ = ["ChunkStore", "StoreMiss", "default_dir", "open_store"]

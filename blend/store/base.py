@@ -103,13 +103,25 @@ class ChunkStore(ABC):
 
     def get(self, key: str) -> torch.Tensor | None:
         """A new tensor the caller owns, or None on a miss."""
+        return self._read("get", self._get, key)
+
+    def fetch(self, key: str) -> torch.Tensor | None:
+        """The entry without a host copy where the backend can (the serving path), or None.
+
+        The result may be the store's own tensor (pinned where the store pins):
+        read it, never write it, and drop it when done. Backends without such a
+        tier return a fresh tensor, as `get` does.
+        """
+        return self._read("fetch", self._fetch, key)
+
+    def _read(self, op: str, fn, key: str) -> torch.Tensor | None:
         if not valid_key(key):
-            self._miss_with("bad_key", "get")
+            self._miss_with("bad_key", op)
             return None
         try:
-            t = self._get(key)
+            t = fn(key)
         except Exception as exc:  # noqa: BLE001
-            self._miss_exc(exc, "get")
+            self._miss_exc(exc, op)
             return None
         if t is None:
             self._count(misses=1)
@@ -182,6 +194,9 @@ class ChunkStore(ABC):
 
     @abstractmethod
     def _clear(self) -> None: ...
+
+    def _fetch(self, key: str) -> torch.Tensor | None:
+        return self._get(key)
 
     def _extra_stats(self) -> dict:
         return {}

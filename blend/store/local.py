@@ -14,17 +14,18 @@ from blend.store.memory import MemoryTier
 
 class LocalStore(ChunkStore):
     """Write-through: `put` fills both tiers; reads try memory, then disk, and
-    promote disk hits into memory. With `pin_memory` (CUDA only) the memory tier
-    holds pinned tensors, so loading into a device buffer is one async DMA."""
+    promote disk hits into memory. With `pin_memory` (CUDA only; "auto" = on
+    where CUDA is) the memory tier holds pinned tensors, so `fetch` hands the
+    loader memory that one async DMA per layer reads, with no copy on the host."""
 
     backend = "local"
 
     def __init__(self, fingerprint: str, path: str | os.PathLike, memory_bytes: int,
-                 disk_bytes: int, pin_memory: bool = False, promote: bool = True) -> None:
+                 disk_bytes: int, pin_memory: bool | str = False, promote: bool = True) -> None:
         super().__init__(fingerprint)
         self.mem = MemoryTier(memory_bytes)
         self.disk = DiskTier(path, disk_bytes, fingerprint)
-        self.pin = bool(pin_memory) and torch.cuda.is_available()
+        self.pin = pin_memory in (True, "auto") and torch.cuda.is_available()
         self.promote = promote
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -74,6 +75,19 @@ class LocalStore(ChunkStore):
             own = fmt.alloc(tuple(t.shape), t.dtype)
             own.copy_(t)
             return own
+        return t
+
+    def _fetch(self, key: str) -> torch.Tensor | None:
+        t = self.mem.get(key)
+        if t is not None:
+            self._count(memory_hits=1)
+            return t
+        t = self.disk.read(key, self._alloc)
+        if t is None:
+            return None
+        self._count(disk_hits=1)
+        if self.promote:
+            self.mem.put(key, t)
         return t
 
     def _put(self, key: str, kv: torch.Tensor) -> bool:

@@ -3,6 +3,12 @@
 Forms: None / "local" / "local:PATH" / "ucm:PATH" / a dict such as
 {"backend": "local", "path": ..., "memory_bytes": "4GiB", "disk_bytes": "64GiB"}.
 Every problem is a ValueError naming the key and what is allowed.
+
+Defaults are sized from the machine (see `default_memory_bytes`): a 2 GiB host
+tier does not hold one 32k-token prompt of an 8B model (4.3 GB of chunk KV).
+`gpu_bytes` sizes the worker's GPU tier (`blend.chunk_loader.DeviceTier`),
+which sits in front of every backend; "auto" is resolved in the worker once
+vLLM has taken its KV cache, because only then is the free memory known.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ from typing import Any
 GiB = 1 << 30
 BACKENDS = ("local", "ucm")
 ALLOWED = {
-    "local": {"backend", "path", "memory_bytes", "disk_bytes", "pin_memory", "promote"},
+    "local": {"backend", "path", "memory_bytes", "disk_bytes", "pin_memory", "promote",
+              "gpu_bytes"},
     "ucm": {"backend", "path", "block_size", "pipeline", "device_id", "io_direct",
-            "unique_id", "verify", "ucm_config"},
+            "unique_id", "verify", "ucm_config", "gpu_bytes"},
 }
 DEFAULTS = {
-    "local": {"memory_bytes": 2 * GiB, "disk_bytes": 32 * GiB, "pin_memory": False,
-              "promote": True},
+    "local": {"memory_bytes": "auto", "disk_bytes": 32 * GiB, "pin_memory": "auto",
+              "promote": True, "gpu_bytes": "auto"},
     "ucm": {"block_size": 2 << 20, "pipeline": "Posix", "device_id": 0, "io_direct": False,
-            "unique_id": None, "verify": True, "ucm_config": {}},
+            "unique_id": None, "verify": True, "ucm_config": {}, "gpu_bytes": "auto"},
 }
+MIN_MEMORY, MAX_MEMORY = 2 * GiB, 64 * GiB
 PIPELINES = ("Posix", "Cache|Posix")
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 10**6, "MB": 10**6,
           "MIB": 1 << 20, "G": 10**9, "GB": 10**9, "GIB": 1 << 30, "T": 10**12, "TB": 10**12,
@@ -49,6 +57,30 @@ def parse_size(name: str, v: Any, lo: int = 1, hi: int = 1 << 50) -> int:
     if not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{name}: {v!r} out of range; allowed {lo}..{hi} bytes")
     return v
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_memory_bytes(total: int | None = None) -> int:
+    """Host tier default: a fifth of the machine's RAM, between 2 and 64 GiB."""
+    total = _mem_total() if total is None else total
+    return min(MAX_MEMORY, max(MIN_MEMORY, total // 5))
+
+
+def _gpu_bytes(v: Any) -> int | str:
+    """'auto', or a byte size (0 turns the GPU tier off)."""
+    if v == "auto":
+        return v
+    return parse_size("gpu_bytes", v, lo=0)
 
 
 def _check_dir(path: Any) -> Path:
@@ -100,11 +132,15 @@ def parse(spec: str | dict | None) -> dict:
         raise ValueError(f"store: unknown key(s) {unknown} for backend {backend!r}; allowed: "
                          f"{sorted(ALLOWED[backend])}")
     cfg = {**DEFAULTS[backend], **spec}
+    cfg["gpu_bytes"] = _gpu_bytes(cfg["gpu_bytes"])
     if backend == "local":
         cfg["path"] = _check_dir(cfg.get("path") or default_dir())
-        cfg["memory_bytes"] = parse_size("memory_bytes", cfg["memory_bytes"])
+        mem = cfg["memory_bytes"]
+        cfg["memory_bytes"] = (default_memory_bytes() if mem == "auto"
+                               else parse_size("memory_bytes", mem))
         cfg["disk_bytes"] = parse_size("disk_bytes", cfg["disk_bytes"])
-        cfg["pin_memory"] = _bool("pin_memory", cfg["pin_memory"])
+        if cfg["pin_memory"] != "auto":
+            cfg["pin_memory"] = _bool("pin_memory", cfg["pin_memory"])
         cfg["promote"] = _bool("promote", cfg["promote"])
         return cfg
     if "path" not in spec:

@@ -1,0 +1,182 @@
+"""Chunk KV from the store's tiers into vLLM's paged cache, layer by layer, ahead of the blend.
+
+The load sits on TTFT's critical path, so it is designed rather than left to
+`.to(device)` (DESIGN.md §3, "How chunk KV reaches the GPU"):
+
+* tiers: a byte-bounded GPU tier (`DeviceTier`, no copy at all), then the
+  store's pinned host tier, then disk or UCM (`ChunkStore.fetch`);
+* each host-resident chunk gets a device buffer; its layer `l` is one async
+  DMA from pinned memory on a side stream, issued at most `window` layers
+  ahead of the blend (queueing all layers at once puts the blend's small
+  metadata copies behind gigabytes of KV on the one copy engine);
+* layer `l`'s fuse and RoPE re-rotation wait on the event of copy `l` only,
+  never on the whole load and never through a host sync;
+* a host chunk's device buffer is offered to the GPU tier afterwards, so a
+  recurring chunk's next load is a device-to-device fuse.
+
+On the CPU the fetched tensor is used in place: no copy either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from blend.store.memory import MemoryTier
+from blend.triton_kernels._paged import to_device
+
+GiB = 1 << 30
+
+
+class DeviceTier(MemoryTier):
+    """Byte-bounded LRU of chunk KV already on the GPU (the worker's, in front of any store)."""
+
+
+def resolve_gpu_bytes(value: int | str, device: torch.device) -> int:
+    """The GPU tier's size, checked against the memory vLLM left free.
+
+    Runs after vLLM allocated its KV cache: what is free then is the memory
+    outside `gpu_memory_utilization`, which activations and this tier share.
+    "auto" takes a quarter of what is free above 4 GiB, at most 4 GiB.
+    """
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    if value == "auto":
+        return int(min(4 * GiB, max(0, free - 4 * GiB) // 4))
+    if value > free - 2 * GiB:
+        raise ValueError(
+            f"store.gpu_bytes: {value / GiB:.1f} GiB does not fit: {free / GiB:.1f} GiB of device "
+            "memory is free after vLLM's KV cache and 2 GiB stay for activations; allowed "
+            f"0..{max(0, free - 2 * GiB) / GiB:.1f} GiB (or lower gpu_memory_utilization)")
+    return int(value)
+
+
+@dataclass
+class ChunkSource:
+    """One chunk's KV `[L, 2, n, Hkv, D]` for this run: where copies read it, where fuses do."""
+
+    key: str
+    host: torch.Tensor | None  # pinned host tensor to copy from; None when already on the device
+    dev: torch.Tensor  # device tensor the fuses read (the GPU tier's entry, or a fresh buffer)
+    keep: bool = False  # offer `dev` to the GPU tier after the run
+
+
+@dataclass
+class Piece:
+    """Tokens `[lo, hi)` of a source go to `slots` of a sequence, moved by `delta` positions."""
+
+    src: ChunkSource
+    lo: int
+    hi: int
+    slots: torch.Tensor  # [hi - lo] int64, host
+    delta: int
+
+
+class LayerLoad:
+    """One blend run's chunk KV; `hook(l)` is the blender's `layer_hook`."""
+
+    def __init__(self, blender, kv, pieces: Sequence[Piece], window: int = 2) -> None:
+        self.b, self.kv, self.pieces = blender, kv, list(pieces)
+        self.window = window
+        dev = blender.adapter.device
+        self.cuda = torch.device(dev).type == "cuda"
+        self.sources = list({id(p.src): p.src for p in self.pieces}.values())
+        self.copies = [s for s in self.sources if s.host is not None]
+        self.num_layers = blender.adapter.num_layers
+        self.events: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self.issued = 0
+        self._rot = None
+        self.slots: list[torch.Tensor] = []
+        if self.pieces:  # one host-to-device copy for every piece's slots
+            all_slots = to_device(torch.cat([p.slots for p in self.pieces]), torch.device(dev))
+            self.slots = list(all_slots.split([p.hi - p.lo for p in self.pieces]))
+            if any(p.delta for p in self.pieces):
+                delta = torch.cat([torch.full((p.hi - p.lo,), p.delta, dtype=torch.int32)
+                                   for p in self.pieces])
+                self._rot = (all_slots, to_device(delta, torch.device(dev), torch.int32),
+                             blender.delta_table(max(p.delta for p in self.pieces)))
+        self.stream = torch.cuda.Stream(device=dev) if self.cuda and self.copies else None
+        self.copy_start = self.copy_end = None
+        if self.stream is not None:
+            # Buffers freed by an earlier run may be reused here: copy only after its reads.
+            self.stream.wait_stream(torch.cuda.current_stream(dev))
+            for s in self.copies:
+                s.dev.record_stream(self.stream)
+            self.copy_start = torch.cuda.Event(enable_timing=True)
+            self.copy_end = torch.cuda.Event(enable_timing=True)
+            self.copy_start.record(self.stream)
+        self._issue(window)
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(s.host.numel() * s.host.element_size() for s in self.copies)
+
+    def _issue(self, upto: int) -> None:
+        upto = min(upto, self.num_layers)
+        if self.issued >= upto or not self.copies:
+            self.issued = max(self.issued, upto)
+            return
+        with torch.cuda.stream(self.stream):
+            for layer in range(self.issued, upto):
+                for s in self.copies:
+                    s.dev[layer].copy_(s.host[layer], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                self.events[layer] = ev
+            if upto == self.num_layers:
+                self.copy_end.record(self.stream)
+        self.issued = upto
+
+    def hook(self, layer: int) -> None:
+        """Place layer `layer` of every piece: wait for its copy, fuse, re-rotate K."""
+        self._issue(layer + 1 + self.window)
+        if not self.pieces:
+            return
+        ev = self.events[layer]
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+        ops = self.b.ops
+        k_cache, v_cache = self.kv.layer(layer)
+        for p, slots in zip(self.pieces, self.slots):
+            kv = p.src.dev[layer]
+            ops.fuse_kv(k_cache, v_cache, slots, kv[0, p.lo:p.hi], kv[1, p.lo:p.hi])
+        if self._rot is not None:
+            slots, delta, cos_sin = self._rot
+            ops.rerotate_k(k_cache, slots, delta, cos_sin, self.b.adapter.rope.is_neox)
+
+    def finish(self, tier: DeviceTier | None) -> None:
+        """After the run: keep host chunks' device copies in the GPU tier where asked."""
+        self._issue(self.num_layers)  # a run that stopped early still owes every copy
+        if tier is not None:
+            for s in self.copies:
+                if s.keep:
+                    tier.put(s.key, s.dev)
+
+    def copy_ms(self) -> float | None:
+        """GPU time from the first copy to the last (only after the device reached it)."""
+        if self.copy_start is None:
+            return None
+        return float(self.copy_start.elapsed_time(self.copy_end))
+
+
+def source_for(key: str, t: torch.Tensor, device: torch.device, tier: DeviceTier | None,
+               from_tier: bool) -> tuple[ChunkSource, bool]:
+    """A `ChunkSource` for a fetched tensor; True in the second slot when `t` had to be pinned.
+
+    A pageable host tensor (a backend without a pinned tier) is pinned here, once,
+    so no pageable copy ever reaches the device stream.
+    """
+    if from_tier or t.device == device:
+        return ChunkSource(key, None, t), False
+    if device.type != "cuda":
+        return ChunkSource(key, None, t.to(device)), False
+    pinned = False
+    if not t.is_pinned():
+        t, pinned = t.pin_memory(), True
+    nbytes = t.numel() * t.element_size()
+    keep = tier is not None and tier.fits(nbytes)
+    return ChunkSource(key, t, torch.empty(t.shape, dtype=t.dtype, device=device), keep), pinned
+
