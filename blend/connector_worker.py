@@ -315,6 +315,7 @@ class BlendWorker:
         if trace is None:
             return None
         trace.timings_ms["fetch"] = fetch_ms
+        trace.timings_ms["host"] = (time.perf_counter() - t0) * 1e3  # enqueue time on CUDA
         return requests, seqs, out.selected, trace, load, events
 
     def wait_for_save(self) -> None:

@@ -85,6 +85,18 @@ def test_verbose_logs_every_patch_point():
     assert log.count("[Blend.Patch] patched") >= 4
 
 
+def test_each_version_patches_its_own_offline_module():
+    from blend.patches.table import points_for
+
+    def spans(v):
+        return {p.module for p in points_for(v) if p.kind == "prompt_spans"}
+
+    assert spans("0.26.0") == {"vllm.entrypoints.offline_utils"}  # read in the 0.26.0 wheel
+    assert spans("0.32.0") == spans("0.33.0") == {"vllm.entrypoints.common.offline"}
+    runners = {p.module for p in points_for("0.26.0") if p.kind == "capture"}
+    assert "vllm.v1.worker.gpu.model_runner" in runners  # 0.26's default GPU runner (V2)
+
+
 def test_unsupported_version_is_refused_by_name(monkeypatch):
     import blend.patches as p
     from blend.patches.table import SUPPORTED, points_for
