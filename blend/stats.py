@@ -36,7 +36,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
                           "vllm:cacheblend_recomputed_tokens"),
     "computed_chunks": ("missed chunks computed standalone", "vllm:cacheblend_computed_chunks"),
     "stored_chunks": ("chunk KV entries written to the store", "vllm:cacheblend_stored_chunks"),
-    "bytes_loaded": ("chunk KV bytes loaded from the store", "vllm:cacheblend_loaded_bytes"),
+    "bytes_loaded": ("chunk KV bytes copied host to device", "vllm:cacheblend_loaded_bytes"),
+    "gpu_hits": ("chunks served by the GPU tier (no copy)", "vllm:cacheblend_gpu_tier_hits"),
+    "pinned_on_load": ("chunks a store returned pageable, pinned while loading",
+                       "vllm:cacheblend_pinned_on_load"),
     "load_ms": ("milliseconds spent loading chunk KV", "vllm:cacheblend_load_milliseconds"),
     "blend_ms": ("milliseconds spent blending", "vllm:cacheblend_blend_milliseconds"),
     "fallbacks": ("requests with chunks that fell back to plain prefill",
@@ -47,7 +50,8 @@ _WORKER_KEYS = {"chunks": "chunk_lookups", "chunk_hits": "chunk_hits",
                 "blended_requests": "blended_requests", "blended_tokens": "blended_tokens",
                 "recomputed_tokens": "recomputed_tokens", "computed_chunks": "computed_chunks",
                 "stored_chunks": "stored_chunks", "bytes_loaded": "bytes_loaded",
-                "load_ms": "load_ms", "blend_ms": "blend_ms"}
+                "load_ms": "load_ms", "blend_ms": "blend_ms", "gpu_hits": "gpu_hits",
+                "pinned_on_load": "pinned_on_load"}
 
 
 def empty() -> dict[str, Any]:
