@@ -1,0 +1,361 @@
+"""BlendConnector inside GPU vLLM (0.26 on the lent H200), real SmolLM2 weights, bf16.
+
+Everything runs with vLLM's defaults: torch.compile and CUDA graphs on (no
+`enforce_eager`), prefix caching on, chunked prefill on. Only the memory share
+is set (0.3), so the module's engine, the `vllm serve` process and the sync-check
+engine fit on one GPU side by side.
+
+Engines started: plain vLLM in a fresh process (all references, one start), one
+in-process engine with the connector (a, b, d), a `vllm serve` process (f) and a
+fresh engine with `BLEND_SYNC_CHECK=1` (g): four starts.
+
+- (a) recomp_ratio=1.0 reproduces plain vLLM: same greedy tokens, output logprobs
+  within bf16 tolerance, a `blend` report on every blended request;
+- (b) chunks stored by a first pass and reused in another order and position:
+  >= 99% of chunk tokens from the store, and the first-answer-token KL to plain
+  vLLM within 10% of the CPU engine's on the same token ids
+  (`bench/results/kl_reference.json`, made by `bench/kl_reference.py`);
+- (d) 16 concurrent requests, blended and plain in one `generate`: the plain ones
+  token-identical to plain vLLM;
+- (f) `vllm serve` with the connector: an OpenAI completion (prompt as token ids)
+  carrying chunk spans, answered from the store;
+- (g) the worker's hot path under `torch.cuda.set_sync_debug_mode("error")`
+  (`BLEND_SYNC_CHECK=1`): a blended request from the store completes.
+
+On the GPU machine: `bash tools/gpu/device.sh tests` (docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_vllm_connector import QUESTIONS, _kl, _passages, _report
+from test_vllm_server import _free_port, _post
+
+pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parents[1]
+KL_REFERENCE = ROOT / "bench" / "results" / "kl_reference.json"
+ENGINE = dict(dtype="bfloat16", gpu_memory_utilization=0.3, seed=0)
+GEN = 16
+LOGPROBS = 20  # vLLM's default max_logprobs
+LP_ATOL = 0.15  # per generated token, |logprob plain - logprob blend| at r=1.0 (bf16 logits)
+LP_MEAN_ATOL = 0.05
+KL_SLACK = 1.10  # (b): GPU KL <= 1.1 x the CPU engine's on the same prompts
+SPAWN_TIMEOUT = 420
+SYS_A = "You are a helpful assistant."
+SYS_C = "Use the documents to answer."
+
+
+def _row(out, i: int = 0) -> dict[str, float]:
+    """Generated position i's top-k distribution as {token id: logprob}."""
+    return {str(t): lp.logprob for t, lp in out.outputs[0].logprobs[i].items() if t >= 0}
+
+
+def _chosen_logprobs(out) -> list[float]:
+    o = out.outputs[0]
+    return [o.logprobs[i][t].logprob for i, t in enumerate(o.token_ids)]
+
+
+def _load_reference_cases() -> dict:
+    if not KL_REFERENCE.exists():
+        pytest.fail(f"{KL_REFERENCE} missing: run `python bench/kl_reference.py` on the CPU")
+    return json.loads(KL_REFERENCE.read_text())
+
+
+def _cases(tok) -> dict:
+    """Token ids (+ spans) of every prompt, built once in the test process."""
+    from blend.api import build_prompt
+
+    ref = _load_reference_cases()
+    P = _passages(52)
+    exact = [build_prompt(tok, SYS_A, P[32 + 4 * i: 36 + 4 * i], QUESTIONS[i],
+                          cache_fuse_metadata={"recomp_ratio": 1.0}) for i in range(5)]
+    # (d): the reused chunks behind a new system prompt and question, so that vLLM's
+    # prefix cache holds none of it and every one of them really blends.
+    mixed_blend = []
+    for i, c in enumerate(ref["cases"]["reuse_src"]):
+        ch = c["chunks"]
+        p = build_prompt(tok, SYS_C, [ch[1], ch[3], ch[0], ch[2]], QUESTIONS[(i + 2) % 5])
+        mixed_blend.append((p.prompt_token_ids, p.spans))
+    plain = [tok(f"Question {i}: explain the Python keyword {w} in two sentences.").input_ids
+             for i, w in enumerate(["yield", "lambda", "with", "async", "global", "class",
+                                    "return", "import"])]
+    mixed = [("blend", *mixed_blend[i // 2]) if i % 2 == 0 else ("plain", plain[i // 2], None)
+             for i in range(16)]
+    return {
+        "exact": [(p.prompt_token_ids, p.spans) for p in exact],
+        "reuse_src": [(c["ids"], c["spans"]) for c in ref["cases"]["reuse_src"]],
+        "reuse": [(c["ids"], c["spans"]) for c in ref["cases"]["reuse"]],
+        "mixed": mixed,
+        "cpu_kl": ref["kl"], "cpu_mean_kl": ref["mean_kl"], "cpu_vllm": ref.get("vllm"),
+    }
+
+
+# ----------------------------------------------------------------- subprocess side
+def _finish(llm, out_path: str, obj) -> None:
+    """Save the child's result, stop its engine and leave without interpreter teardown
+    (the CPU suite's `_save` / `_exit_child` where that checkout has them)."""
+    try:
+        from test_vllm_connector import _exit_child, _save
+    except ImportError:
+        _save = _exit_child = None
+    if _save is not None:
+        _save(out_path, obj)
+        _exit_child(llm)
+    with open(out_path, "w") as fh:
+        json.dump(obj, fh)
+    llm.llm_engine.engine_core.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _reference(model: str, cases: dict, out_path: str) -> None:
+    """Plain vLLM, no connector, same engine arguments: every reference in one start."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, **ENGINE)
+    gen = SamplingParams(max_tokens=GEN, temperature=0.0, logprobs=LOGPROBS)
+    first = SamplingParams(max_tokens=1, temperature=0.0, logprobs=LOGPROBS)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in cases["exact"]], gen,
+                        use_tqdm=False)
+    exact = [{"tokens": list(o.outputs[0].token_ids), "logprobs": _chosen_logprobs(o)}
+             for o in outs]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in cases["reuse"]], first,
+                        use_tqdm=False)
+    reuse = [_row(o) for o in outs]
+    outs = llm.generate([{"prompt_token_ids": ids} for _, ids, _ in cases["mixed"]],
+                        SamplingParams(max_tokens=GEN, temperature=0.0), use_tqdm=False)
+    mixed = [list(o.outputs[0].token_ids) for o in outs]
+    _finish(llm, out_path, {"exact": exact, "reuse": reuse, "mixed": mixed})
+
+
+def _sync_check(model: str, store: str, ids: list[int], spans: list, out_path: str) -> None:
+    """A fresh engine with BLEND_SYNC_CHECK=1 (set by the caller) on the module's store."""
+    from vllm import LLM, SamplingParams
+
+    import blend
+
+    assert os.environ.get("BLEND_SYNC_CHECK") == "1"
+    ktc = blend.kv_transfer_config(store={"backend": "local", "path": store},
+                                   cache_fuse_metadata={"recomp_ratio": 0.15})
+    llm = LLM(model=model, kv_transfer_config=ktc, **ENGINE)
+    outs = llm.generate([blend.BlendPrompt(ids, spans)],
+                        SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    _finish(llm, out_path, [{"report": _report(o), "tokens": list(o.outputs[0].token_ids),
+                             "finished": o.finished} for o in outs])
+
+
+def _spawn(*args: str, env: dict | None = None) -> None:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=SPAWN_TIMEOUT)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-6000:])
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def cases(tok):
+    return _cases(tok)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path, cases, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    (d / "cases.json").write_text(json.dumps(cases))
+    t = time.time()
+    _spawn("reference", smollm2_path, str(d / "cases.json"), str(d / "out.json"))
+    print(f"plain reference engine: {time.time() - t:.0f} s")
+    return json.loads((d / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("kvstore"))
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path, store_dir, reference):  # reference first: its engine is gone by then
+    from vllm import LLM
+
+    import blend
+
+    ktc = blend.kv_transfer_config(store={"backend": "local", "path": store_dir},
+                                   cache_fuse_metadata={"recomp_ratio": 0.15})
+    t = time.time()
+    engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)
+    print(f"blend engine start: {time.time() - t:.0f} s")
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+    del engine
+
+
+def _sp(**kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"max_tokens": GEN, "temperature": 0.0, **kw})
+
+
+# ----------------------------------------------------------------- tests
+def test_a_exact_at_ratio_one(llm, cases, reference):
+    """r=1.0 through the connector: plain vLLM's greedy tokens and output logprobs."""
+    import blend
+
+    prompts = [blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0})
+               for ids, spans in cases["exact"]]
+    outs = llm.generate(prompts, _sp(logprobs=LOGPROBS), use_tqdm=False)
+    worst = []
+    for i, (o, ref) in enumerate(zip(outs, reference["exact"])):
+        rep = _report(o)
+        assert rep and rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
+        assert list(o.outputs[0].token_ids) == ref["tokens"], (i, o.outputs[0].token_ids, ref)
+        diffs = [abs(a - b) for a, b in zip(_chosen_logprobs(o), ref["logprobs"])]
+        worst.append(max(diffs))
+        assert max(diffs) <= LP_ATOL and sum(diffs) / len(diffs) <= LP_MEAN_ATOL, (i, diffs)
+    print(f"r=1.0: tokens identical on {len(outs)} prompts x {GEN}; "
+          f"max |d logprob| per prompt {[round(w, 4) for w in worst]}")
+
+
+def test_b_reuse_other_order_and_position(llm, cases, reference):
+    """Chunks stored by one pass serve a later one in another order and position."""
+    import blend
+
+    src = [blend.BlendPrompt(ids, spans) for ids, spans in cases["reuse_src"]]
+    first = llm.generate(src, _sp(max_tokens=1), use_tqdm=False)  # misses: computed, stored
+    assert all(_report(o) for o in first), [_report(o) for o in first]
+    later = [blend.BlendPrompt(ids, spans) for ids, spans in cases["reuse"]]
+    outs = llm.generate(later, _sp(max_tokens=1, logprobs=LOGPROBS), use_tqdm=False)
+    kls, hits = [], []
+    for i, (o, ref) in enumerate(zip(outs, reference["reuse"])):
+        rep = _report(o)
+        assert rep and rep["num_external"] > 0, (i, rep)
+        hits.append(rep["chunk_hit_tokens"] / rep["chunk_tokens"])
+        kls.append(_kl([ref], [_row(o)]))
+    mean_kl, cpu = sum(kls) / len(kls), cases["cpu_mean_kl"]
+    print(f"reuse (r=0.15) first-answer KL to plain vLLM: GPU {[round(k, 4) for k in kls]} "
+          f"mean {mean_kl:.4f}; CPU vLLM {cases['cpu_vllm']} {cases['cpu_kl']} mean {cpu:.4f}; "
+          f"ratio {mean_kl / cpu:.3f}; chunk hit rate {hits}")
+    assert min(hits) >= 0.99, hits
+    assert mean_kl <= KL_SLACK * cpu, (mean_kl, cpu, kls)
+
+
+def test_d_sixteen_concurrent_mixed(llm, cases, reference):
+    """8 blended and 8 plain requests, interleaved, in one generate call."""
+    import blend
+
+    prompts = [blend.BlendPrompt(ids, spans) if kind == "blend" else {"prompt_token_ids": ids}
+               for kind, ids, spans in cases["mixed"]]
+    outs = llm.generate(prompts, _sp(), use_tqdm=False)
+    assert len(outs) == 16
+    for i, ((kind, _, _), o, ref) in enumerate(zip(cases["mixed"], outs, reference["mixed"])):
+        assert o.finished and o.outputs[0].token_ids, i
+        if kind == "plain":
+            assert not _report(o), (i, _report(o))
+            assert list(o.outputs[0].token_ids) == ref, (i, o.outputs[0].token_ids, ref)
+        else:
+            rep = _report(o)
+            assert rep and rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, deadline_s: float) -> None:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log_path.read_text()[-6000:])
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(2)
+    raise RuntimeError("vllm serve did not become healthy:\n" + log_path.read_text()[-6000:])
+
+
+def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path):
+    """`vllm serve` + connector: a completion with chunk spans is answered from the store."""
+    import blend
+
+    port, store = _free_port(), tmp_path / "kv"
+    ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
+           "kv_role": "kv_both",
+           "kv_connector_extra_config": {"store": {"backend": "local", "path": str(store)},
+                                         "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
+    log_path = tmp_path / "serve.log"
+    # -P and a neutral cwd: import blend from the installed copy (with blend.patches),
+    # never from the repo folder.
+    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
+           "--model", smollm2_path, "--dtype", "bfloat16", "--gpu-memory-utilization",
+           str(ENGINE["gpu_memory_utilization"]), "--seed", "0", "--host", "127.0.0.1",
+           "--port", str(port), "--kv-transfer-config", json.dumps(ktc)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t = time.time()
+        _wait_healthy(base, proc, log_path, SPAWN_TIMEOUT)
+        print(f"vllm serve healthy after {time.time() - t:.0f} s")
+        from pydoc_data.topics import topics
+
+        docs = [" ".join(topics[t].split())[:900] for t in ("raise", "assert", "pass")]
+        p1 = blend.build_prompt(tok, "Answer from the documents.", docs, "Which statement raises?")
+        body = {"model": smollm2_path, "prompt": p1.prompt_token_ids, "max_tokens": 8,
+                "temperature": 0.0, "kv_transfer_params": p1.kv_transfer_params()}
+        first = _post(base + "/v1/completions", body)
+        rep1 = first["kv_transfer_params"]["blend"]
+        assert first["choices"][0]["text"] and rep1["chunks"] == 3, rep1
+        # Same chunks in another order: the one completion answered from the store.
+        p2 = blend.build_prompt(tok, "Answer from the documents.", docs[::-1],
+                                "Which statement raises?")
+        second = _post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,
+                                                  "kv_transfer_params": p2.kv_transfer_params()})
+        rep2 = second["kv_transfer_params"]["blend"]
+        print(f"serve reports: first {rep1}; second {rep2}")
+        assert second["choices"][0]["text"]
+        assert rep2["chunk_hits"] == 3 and rep2["chunk_hit_tokens"] == rep2["chunk_tokens"], rep2
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_g_hot_path_has_no_device_sync(llm, cases, store_dir, smollm2_path, tmp_path):
+    """BLEND_SYNC_CHECK=1: the worker's hot path runs under sync debug mode "error"
+    (a sync raises and the request fails). A fresh engine on the module's store."""
+    ids, spans = cases["reuse"][0]
+    out = tmp_path / "sync.json"
+    t = time.time()
+    _spawn("sync_check", smollm2_path, store_dir, json.dumps([ids, spans]), str(out),
+           env={"BLEND_SYNC_CHECK": "1"})
+    res = json.loads(out.read_text())
+    print(f"sync-check engine: {time.time() - t:.0f} s; {res}")
+    for r in res:
+        assert r["finished"] and r["tokens"] and r["report"], r
+    rep = res[0]["report"]
+    assert rep["chunk_hit_tokens"] == rep["chunk_tokens"], rep  # loaded, not recomputed
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "reference":
+        _reference(sys.argv[2], json.loads(open(sys.argv[3]).read()), sys.argv[4])
+    elif mode == "sync_check":
+        ids, spans = json.loads(sys.argv[4])
+        _sync_check(sys.argv[2], sys.argv[3], ids, spans, sys.argv[5])

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# GPU harness, run ON the lent GPU machine from the repo root (see docs/gpu.md).
+#
+#   bash tools/gpu/device.sh stash                 # move the carried .gpu/pN part to /root/gparts
+#   bash tools/gpu/device.sh install               # unpack parts; vLLM + deps + gguf + project into
+#                                                  # /tmp/site; SmolLM2 bf16 from the carried GGUF
+#   bash tools/gpu/device.sh tests                 # tests/test_vllm_gpu.py -> $OUT/vllm_gpu_tests.txt
+#   bash tools/gpu/device.sh bench [ARGS...]       # bench/ttft_vllm_gpu.py -> $OUT/ttft_vllm_gpu.json
+#   bash tools/gpu/device.sh all                   # install + tests + bench (needs > 10 min: split it)
+# Several subcommands run in order: `device.sh stash install tests`. Every step is idempotent:
+# on a warm machine a done install is skipped (the project itself is reinstalled only when its
+# sources changed). Afterwards `source /root/gpu-env.sh` gives the environment by hand.
+# Files in $OUT (default /tmp/out): install.txt env.txt vllm_gpu_tests.txt ttft_vllm_gpu.json
+# ttft_vllm_gpu.txt (at most 8 come back).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+GPARTS=${GPARTS:-/root/gparts}
+SITE=${SITE:-/tmp/site}
+PAYLOAD=${PAYLOAD:-/root/gpayload}
+export CACHEBLEND_HOME=${CACHEBLEND_HOME:-/root/cbhome}
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+export VLLM_USE_FLASHINFER_SAMPLER=0
+export TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT" "$GPARTS" "$SITE" "$CACHEBLEND_HOME"
+[ -f setup.py ] && [ -d blend ] || { echo "run from the repo root" >&2; exit 2; }
+# A device call may run 600 s: stop our own work before that, so that $OUT still comes back.
+left() { local l=$(( ${CALL_BUDGET:-580} - SECONDS )); [ "$l" -lt 60 ] && l=60; echo "$l"; }
+log() { echo "[device $(date +%H:%M:%S)] $*" | tee -a "$OUT/install.txt"; }
+
+stash() {
+  local n=0 f
+  for f in .gpu/p*/gpart_* .gpu/p*/manifest.txt; do
+    [ -e "$f" ] || continue
+    mv -f "$f" "$GPARTS/" && n=$((n + 1))
+  done
+  log "stash: moved $n file(s); in $GPARTS: $(cd "$GPARTS" && ls gpart_* 2>/dev/null | tr '\n' ' ')"
+}
+
+payload() {  # assemble + check + unpack the parts (once)
+  [ -f "$PAYLOAD/.done" ] && { log "payload: already unpacked in $PAYLOAD"; return 0; }
+  stash
+  [ -f "$GPARTS/manifest.txt" ] || { log "payload: no manifest in $GPARTS: carry .gpu/p1..pN first"; return 1; }
+  local want have
+  want=$(awk '/^parts /{print $2}' "$GPARTS/manifest.txt")
+  have=$(ls "$GPARTS"/gpart_* 2>/dev/null | wc -l)
+  if [ "$have" != "$want" ]; then
+    log "payload: $have of $want parts in $GPARTS; missing: $(for i in $(seq 0 $((want - 1))); do \
+        f=$(printf gpart_%02d "$i"); [ -e "$GPARTS/$f" ] || printf '%s (carry .gpu/p%d) ' "$f" $((i + 1)); done)"
+    return 1
+  fi
+  (cd "$GPARTS" && grep ' gpart_' manifest.txt | sha256sum -c --quiet -) || { log "payload: checksum mismatch"; return 1; }
+  rm -rf "$PAYLOAD.tmp" && mkdir -p "$PAYLOAD.tmp"
+  log "payload: unpacking $want parts"
+  cat "$GPARTS"/gpart_* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1], filter='tar')" "$PAYLOAD.tmp" \
+    || { log "payload: unpack failed"; return 1; }
+  rm -rf "$PAYLOAD" && mv "$PAYLOAD.tmp" "$PAYLOAD" && touch "$PAYLOAD/.done"
+}
+
+install_vllm() {
+  [ -f "$SITE/.vllm_done" ] && { log "vllm: already in $SITE"; return 0; }
+  payload || return 1
+  log "vllm: into $SITE"
+  cp -a "$PAYLOAD"/site/. "$SITE"/ || return 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$PAYLOAD"/wheels/*.whl >>"$OUT/install.txt" 2>&1 || { log "vllm: pip install of the wheels failed"; return 1; }
+  local w mod
+  for w in "$PAYLOAD"/opt/*.whl; do  # only where the machine lacks the module (it has accelerate)
+    mod=$(basename "$w" | cut -d- -f1)
+    if python3 -c "import $mod" 2>/dev/null; then log "opt: $mod present, not installed"; continue; fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$w" \
+      >>"$OUT/install.txt" 2>&1 || { log "opt: $w failed"; return 1; }
+    log "opt: installed $(basename "$w")"
+  done
+  python3 -c "import vllm, gguf; print('vllm', vllm.__version__, 'gguf', gguf.__file__)" >>"$OUT/install.txt" 2>&1 \
+    || { log "vllm: import failed (see install.txt)"; return 1; }
+  touch "$SITE/.vllm_done"
+}
+
+install_project() {  # reinstalled whenever the sources changed (the tree travels with every call)
+  local h
+  h=$(cat setup.py pyproject.toml $(find blend patches triton_kernels -name '*.py' | sort) | sha256sum | cut -c1-16)
+  [ "$(cat "$SITE/.project_hash" 2>/dev/null)" = "$h" ] && { log "project: up to date ($h)"; return 0; }
+  log "project: installing ($h)"
+  rm -rf build ./*.egg-info/ 2>/dev/null
+  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" . \
+    >>"$OUT/install.txt" 2>&1 || { log "project: pip install failed"; return 1; }
+  rm -rf build
+  echo "$h" > "$SITE/.project_hash"
+}
+
+install_model() {  # SmolLM2 bf16 folder, made by blend.assets from the carried GGUF
+  local dl="$CACHEBLEND_HOME/downloads"
+  mkdir -p "$dl"
+  if [ ! -f "$CACHEBLEND_HOME/models/SmolLM2-135M-Instruct/MANIFEST.json" ]; then
+    [ -f "$dl/SmolLM2-135M-Instruct.gguf" ] || cp "$PAYLOAD/models/SmolLM2-135M-Instruct.gguf" "$dl/" || return 1
+    log "model: dequantizing SmolLM2 (blend.assets)"
+  fi
+  python3 -P -m blend.assets >>"$OUT/install.txt" 2>&1 || { log "model: blend.assets failed"; return 1; }
+  log "model: $CACHEBLEND_HOME/models/SmolLM2-135M-Instruct"
+}
+
+write_env() {
+  cat > /root/gpu-env.sh <<ENV
+export PYTHONPATH=$SITE VLLM_USE_FLASHINFER_SAMPLER=0 CACHEBLEND_HOME=$CACHEBLEND_HOME TOKENIZERS_PARALLELISM=false
+ENV
+  { echo "== $(date -u)"; nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
+    python3 -P -c "import torch, triton, transformers, vllm, blend; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__, 'blend', blend.__file__)"
+    python3 -P -m blend.cli verify 2>&1 | tail -20; } >>"$OUT/env.txt" 2>&1
+}
+
+install() {
+  local t0=$SECONDS
+  install_vllm && install_project && install_model || { log "install FAILED"; return 1; }
+  write_env
+  log "install: ok in $((SECONDS - t0)) s (env: source /root/gpu-env.sh)"
+}
+
+tests() {
+  install_project || return 1
+  log "tests: tests/test_vllm_gpu.py"
+  # -P: import blend from $SITE (the installed copy, with blend.patches), not the repo folder.
+  VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -rA -v --durations=0 -m gpu \
+    tests/test_vllm_gpu.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/vllm_gpu_tests.txt" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" 
+  local rc=${PIPESTATUS[0]}
+  log "tests: rc=$rc"
+  return "$rc"
+}
+
+bench() {
+  install_project || return 1
+  log "bench: bench/ttft_vllm_gpu.py $*"
+  timeout "$(left)" python3 -P bench/ttft_vllm_gpu.py --out "$OUT/ttft_vllm_gpu.json" "$@" 2>&1 | tee "$OUT/ttft_vllm_gpu.txt" \
+    | grep -vE "^(INFO|DEBUG|WARNING) [0-9]|^\(EngineCore" 
+  local rc=${PIPESTATUS[0]}
+  log "bench: rc=$rc"
+  return "$rc"
+}
+
+[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+rc=0
+while [ $# -gt 0 ]; do
+  cmd=$1; shift
+  case "$cmd" in
+    stash) stash ;;
+    install) install || exit 1 ;;
+    tests) tests || rc=1 ;;
+    bench) bench "$@" || rc=1; break ;;
+    all) install || exit 1; tests || rc=1; bench || rc=1 ;;
+    *) echo "unknown subcommand $cmd (stash|install|tests|bench|all)" >&2; exit 2 ;;
+  esac
+done
+exit "$rc"
