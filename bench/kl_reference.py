@@ -14,8 +14,9 @@ default `max_logprobs`). Only `enforce_eager` differs from the GPU run: torch.co
 On a CPU with AMX, vLLM CPU 0.32 stores bf16 KV in AMX's tiled layout, which is not a
 strided view, and the connector refuses it (`UnsupportedLayoutError`). CPU_ATTN takes only
 blocks of 32k, so the block size cannot steer it; instead this script hides AMX from vLLM's
-ISA choice (`torch.cpu._is_amx_tile_supported`, in forked engine processes), which gives the
-strided 'vec' layout: the same attention, another kernel.
+ISA choice (`torch.cpu._is_amx_tile_supported`, through a `sitecustomize` on PYTHONPATH so
+that vLLM's spawned engine processes get it too), which gives the strided 'vec' layout:
+the same attention, another kernel.
 
     python bench/kl_reference.py [--out bench/results/kl_reference.json]
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-N_PROMPTS = 8
+N_PROMPTS = 12
 LOGPROBS = 20
 RATIO = 0.15
 SYS_SRC = "You are a helpful assistant."
@@ -71,15 +72,25 @@ def kl_rows(ref: list[dict], got: list[dict]) -> list[float]:
     return [_kl([r], [g]) for r, g in zip(ref, got)]
 
 
+def dumps(res: dict) -> str:
+    """JSON with one line per prompt (token ids and texts stay readable in a diff)."""
+    head = json.dumps({k: v for k, v in res.items() if k != "cases"}, indent=1)
+    cases = ",\n".join(f'  "{k}": [\n' + ",\n".join("   " + json.dumps(c) for c in v) + "\n  ]"
+                        for k, v in res["cases"].items())
+    return head[:-2] + ',\n "cases": {\n' + cases + "\n }\n}\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kl_reference.json"))
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"  # the children keep the patch below
-    import torch
-
-    torch.cpu._is_amx_tile_supported = lambda: False
+    hide_amx = "import torch\ntorch.cpu._is_amx_tile_supported = lambda: False\n"
+    shim = Path(tempfile.mkdtemp(prefix="cacheblend-noamx-"))
+    (shim / "sitecustomize.py").write_text(hide_amx)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH"))
+                                               if p)
+    exec(hide_amx)  # this process too
 
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -129,7 +140,8 @@ def main() -> None:
         "cases": cs,
     }
     assert all(r.get("chunk_tokens") for r in reports), reports
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    Path(args.out).write_text(dumps(res))
+    assert json.loads(Path(args.out).read_text()) == json.loads(json.dumps(res))
     print(json.dumps({k: v for k, v in res.items() if k != "cases"}, indent=1))
 
 

@@ -77,8 +77,8 @@ def _cases(tok) -> dict:
     from blend.api import build_prompt
 
     ref = _load_reference_cases()
-    P = _passages(52)
-    exact = [build_prompt(tok, SYS_A, P[32 + 4 * i: 36 + 4 * i], QUESTIONS[i],
+    P = _passages(60)  # all of pydoc's passages of >= 700 characters; (b) uses P[:48]
+    exact = [build_prompt(tok, SYS_A, P[40 + 4 * i: 44 + 4 * i], QUESTIONS[i],
                           cache_fuse_metadata={"recomp_ratio": 1.0}) for i in range(5)]
     # (d): the reused chunks behind a new system prompt and question, so that vLLM's
     # prefix cache holds none of it and every one of them really blends.
