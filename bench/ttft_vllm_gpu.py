@@ -18,7 +18,8 @@ Issue 11's benchmark, run on the lent H200 (`bash tools/gpu/device.sh bench`, do
   `--warmup` runs. `concurrent`: 16 requests at once over a shared pool of 24 chunks (8 per
   request), prompt tokens per second. `breakdown`: a fourth engine (host tier) with
   `trace_dir` set, started after the others are gone; medians of the traces' `timings_ms`
-  (load / blend / step, whatever the worker records).
+  (whatever the worker records: today `fetch`, `host`, `blend` and `load`, GPU-event times
+  for the last two; `step` if it comes), and TTFT minus the blend.
 
     python bench/ttft_vllm_gpu.py [--runs 5] [--warmup 2] [--out bench/results/ttft_vllm_gpu.json]
 """
@@ -96,13 +97,15 @@ def ensure_model(tok_src: Path) -> Path:
 
 # ----------------------------------------------------------------- worker (one engine)
 def worker(kind: str, model: str, store: str | None, trace_dir: str | None, util: float,
-           ratio: float) -> None:
+           ratio: float, max_model_len: int, eager: bool = False) -> None:
     """Serve commands (JSON lines on stdin), answer on stdout lines prefixed with MARK."""
     from vllm import LLM, SamplingParams
 
     import blend
 
-    kw = dict(dtype="bfloat16", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=util, seed=0)
+    kw = dict(dtype="bfloat16", max_model_len=max_model_len, gpu_memory_utilization=util, seed=0)
+    if eager:
+        kw["enforce_eager"] = True
     if kind != "plain":
         extra = {"trace_dir": trace_dir} if trace_dir else {}
         kw["kv_transfer_config"] = blend.kv_transfer_config(
@@ -138,7 +141,8 @@ def worker(kind: str, model: str, store: str | None, trace_dir: str | None, util
             ms = (time.perf_counter() - t) * 1e3
             reps = [(o.kv_transfer_params or {}).get("blend") or {} for o in outs]
             say(op=op, ms=ms, request_ids=[o.request_id for o in outs],
-                cached=[o.num_cached_tokens or 0 for o in outs],
+                cached=[o.num_cached_tokens or 0 for o in outs],  # vLLM's + the connector's
+                local=[r.get("num_local", 0) for r in reps],  # vLLM's prefix cache alone
                 hit=[r.get("chunk_hit_tokens", 0) / max(1, r.get("chunk_tokens", 0))
                      for r in reps], reports=len([r for r in reps if r]))
 
@@ -147,10 +151,12 @@ class Engine:
     """A worker process and the pipe we drive it through."""
 
     def __init__(self, kind: str, model: Path, log, store: dict | None = None,
-                 trace_dir: str | None = None, util: float = 0.27, ratio: float = 0.15):
+                 trace_dir: str | None = None, util: float = 0.27, ratio: float = 0.15,
+                 max_model_len: int = MAX_MODEL_LEN, eager: bool = False):
         self.kind, self.log, self.replies = kind, log, queue.Queue()
         cmd = [sys.executable, "-P", __file__, "--worker", kind, str(model),
-               json.dumps(store) if store else "", trace_dir or "", str(util), str(ratio)]
+               json.dumps(store) if store else "", trace_dir or "", str(util), str(ratio),
+               str(max_model_len), "eager" if eager else ""]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._drain, daemon=True).start()
@@ -258,6 +264,13 @@ def main() -> None:
     ap.add_argument("--breakdown", choices=("separate", "none"), default="separate")
     ap.add_argument("--budget-s", type=float, default=420,
                     help="skip the breakdown engine if this much time has passed")
+    ap.add_argument("--model", default=None,
+                    help="an existing HF folder instead of the random 8B (smoke tests)")
+    ap.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    ap.add_argument("--concurrent", type=int, default=CONCURRENT)
+    ap.add_argument("--pool-chunk-tokens", type=int, default=POOL_CHUNK_TOKENS)
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="smoke tests on a CPU only: the measurement keeps vLLM's defaults")
     ap.add_argument("--log", default=None, help="worker logs (default: next to --out)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ttft_vllm_gpu.json"))
     args = ap.parse_args()
@@ -268,12 +281,12 @@ def main() -> None:
     from blend.assets import model_path
 
     tok_src = model_path()
-    model = ensure_model(tok_src)
+    model = Path(args.model) if args.model else ensure_model(tok_src)
     tok = AutoTokenizer.from_pretrained(model)
     P = Prompts(tok)
     contexts = [int(c) for c in args.contexts.split(",")]
     sets = {n: P.chunks(N_CHUNKS, n // N_CHUNKS - 8) for n in contexts}  # room for prefix
-    pool = P.chunks(POOL_CHUNKS, POOL_CHUNK_TOKENS)
+    pool = P.chunks(POOL_CHUNKS, args.pool_chunk_tokens)
     all_chunks = [c for n in contexts for c in sets[n]] + pool
 
     out_path = Path(args.out)
@@ -286,10 +299,11 @@ def main() -> None:
         "gpu": {"backend": "local", "path": str(work / "kv_gpu"), "memory_bytes": args.host_bytes,
                 "gpu_bytes": args.gpu_bytes},
     }
-    engines = {"plain": Engine("plain", model, log, util=args.util)}
+    ekw = dict(util=args.util, ratio=args.ratio, max_model_len=args.max_model_len,
+               eager=args.enforce_eager)
+    engines = {"plain": Engine("plain", model, log, **ekw)}
     for tier in ("host", "gpu"):
-        engines[tier] = Engine(tier, model, log, store=stores[tier], util=args.util,
-                               ratio=args.ratio)
+        engines[tier] = Engine(tier, model, log, store=stores[tier], **ekw)
         pre = engines[tier].call(op="precompute", chunks=all_chunks)
         print(f"[bench] {tier}: precomputed {pre}", flush=True)
 
@@ -301,8 +315,9 @@ def main() -> None:
             ids, spans = P.build(sets[n])
             for k, e in engines.items():
                 r = e.call(op="run", prompts=[[ids, spans]])
-                if k != "plain" and (not r["reports"] or r["cached"][0] >= spans[-1][1]):
-                    print(f"[bench] warning: {k} run {i}: reports={r['reports']} cached={r['cached']}")
+                if k != "plain" and (not r["reports"] or r["local"][0] >= spans[-1][1] - 16):
+                    print(f"[bench] warning: {k} run {i}: reports={r['reports']} "
+                          f"prefix-cached={r['local']}")
                 if i >= args.warmup:
                     times[k].append(r["ms"])
                     hits[k].append(r["hit"][0])
@@ -316,11 +331,12 @@ def main() -> None:
                          "blend_runs_ms": raw[n]["times_ms"][tier],
                          "chunk_hit_rate": min(hits[tier])})
 
-    conc = {"requests": CONCURRENT, "pool_chunks": POOL_CHUNKS, "chunks_per_request": N_CHUNKS,
-            "chunk_tokens": POOL_CHUNK_TOKENS, "reps": args.concurrent_reps}
+    conc = {"requests": args.concurrent, "pool_chunks": POOL_CHUNKS,
+            "chunks_per_request": N_CHUNKS, "chunk_tokens": args.pool_chunk_tokens,
+            "reps": args.concurrent_reps}
     rate = {k: [] for k in engines}
     for i in range(1 + args.concurrent_reps):
-        batch = [P.build(P.rng.sample(pool, N_CHUNKS)) for _ in range(CONCURRENT)]
+        batch = [P.build(P.rng.sample(pool, N_CHUNKS)) for _ in range(args.concurrent)]
         toks = sum(len(ids) for ids, _ in batch)
         for k, e in engines.items():
             r = e.call(op="run", prompts=batch)
@@ -343,7 +359,7 @@ def main() -> None:
         tdir = work / "trace"
         tdir.mkdir()
         e = Engine("host", model, log, store={**stores["host"], "path": str(work / "kv_trace")},
-                   trace_dir=str(tdir), util=args.util, ratio=args.ratio)
+                   trace_dir=str(tdir), **ekw)
         e.call(op="precompute", chunks=all_chunks)
         for n in contexts:
             per, ttft = [], []
@@ -355,24 +371,30 @@ def main() -> None:
                 if i:
                     per.append(trace_timings(tdir, r["request_ids"]))
                     ttft.append(r["ms"])
-            keys = sorted({k for d in per for k in d})
+            keys = sorted({k for d in per for k in d if "." not in k})  # not per layer
             tm = {k: med([d[k] for d in per if k in d]) for k in keys}
             entry = {"ttft_ms_traced": med(ttft), "timings_ms": tm, "runs": len(per)}
             if "step" in tm:
                 entry["rest_of_step_ms"] = round(tm["step"] - tm.get("load", 0) - tm.get("blend", 0), 2)
+            if "blend" in tm:  # GPU time of the blend (its layer copies overlap it)
+                entry["ttft_minus_blend_ms"] = round(entry["ttft_ms_traced"] - tm["blend"], 2)
             breakdown[str(raw[n]["context_tokens"])] = entry
         e.close()
 
     import vllm
 
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        gpu = "cpu (no nvidia-smi)"
     res = {
         "what": "TTFT (1-token generate wall time) inside GPU vLLM: plain prefill vs CacheBlend",
         "device": gpu, "vllm": vllm.__version__,
-        "model": "Llama-3-8B shape, random bf16 weights (transformers), SmolLM2 tokenizer",
+        "model": (args.model or "Llama-3-8B shape, random bf16 weights (transformers), "
+                  "SmolLM2 tokenizer"),
         "recomp_ratio": args.ratio, "runs": args.runs, "warmup": args.warmup,
-        "engine": {"max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": args.util,
+        "engine": {"max_model_len": args.max_model_len, "gpu_memory_utilization": args.util,
                    "defaults": "torch.compile + CUDA graphs, prefix caching, chunked prefill"},
         "stores": {k: {kk: v for kk, v in s.items() if kk != "path"} for k, s in stores.items()},
         "rows": rows, "concurrent": conc, "breakdown": breakdown, "targets": TARGETS,
@@ -383,7 +405,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['context_tokens']:>8} {r['tier']:>5} {r['plain_ms']:>9} {r['blend_ms']:>9} "
               f"{r['speedup']:>8} {r['chunk_hit_rate']:>5.2f}")
-    print(f"concurrent ({CONCURRENT} requests, {conc['prompt_tokens']} prompt tokens): plain "
+    print(f"concurrent ({args.concurrent} requests, {conc['prompt_tokens']} prompt tokens): plain "
           f"{conc['plain_tok_s']} tok/s, host {conc['host_tok_s']} ({conc['speedup_host']}x), "
           f"gpu {conc['gpu_tok_s']} ({conc['speedup_gpu']}x)")
     print("breakdown:", json.dumps(breakdown))
@@ -395,7 +417,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--make-model":
         make_model(Path(sys.argv[2]), Path(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        kind, model, store, tdir, util, ratio = sys.argv[2:8]
-        worker(kind, model, store or None, tdir or None, float(util), float(ratio))
+        kind, model, store, tdir, util, ratio, mml, eager = sys.argv[2:10]
+        worker(kind, model, store or None, tdir or None, float(util), float(ratio), int(mml),
+               eager == "eager")
     else:
         main()

@@ -48,7 +48,7 @@ KL_REFERENCE = ROOT / "bench" / "results" / "kl_reference.json"
 ENGINE = dict(dtype="bfloat16", gpu_memory_utilization=0.3, seed=0)
 GEN = 16
 LOGPROBS = 20  # vLLM's default max_logprobs
-LP_ATOL = 0.15  # per generated token, |logprob plain - logprob blend| at r=1.0 (bf16 logits)
+LP_ATOL = 0.25  # per generated token, |logprob plain - logprob blend| at r=1.0 (bf16 logits)
 LP_MEAN_ATOL = 0.05
 KL_SLACK = 1.10  # (b): GPU KL <= 1.1 x the CPU engine's on the same prompts
 SPAWN_TIMEOUT = 420
