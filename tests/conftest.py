@@ -13,6 +13,18 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # vLLM CPU sizes its KV cache from memory it can see; keep it small on 24 GiB machines.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# The environment as the session started, for child processes. An engine created in this
+# process (test_smoke_vllm, the module fixtures) rewrites os.environ for its own children
+# and never restores it: LD_PRELOAD=torch's libgomp, VLLM_WORKER_MULTIPROC_METHOD,
+# LOCAL_WORLD_SIZE, TORCHINDUCTOR_*, ... (vllm/platforms/cpu.py). A child started later
+# from os.environ would then run differently in the full suite than alone.
+START_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a child that aborts dumps its stacks
+
+
+@pytest.fixture(scope="session")
+def child_env() -> dict[str, str]:
+    """The environment for test child processes: the session's own, not vLLM's rewrites."""
+    return dict(START_ENV)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blend.device import shutdown_llm
+
 PROMPTS = [
     "The capital of France is",
     "Python is a programming language that",
@@ -20,7 +22,10 @@ def test_vllm_greedy_matches_transformers(smollm2_path):
     hf = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     llm = LLM(model=smollm2_path, dtype="bfloat16", enforce_eager=True, max_model_len=1024,
               gpu_memory_utilization=0.3, seed=0)
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+    try:
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+    finally:
+        shutdown_llm(llm)  # now: the next modules start engines of their own
     for prompt, out in zip(PROMPTS, outs):
         ids = tok(prompt, return_tensors="pt").input_ids
         assert list(out.prompt_token_ids) == ids[0].tolist()

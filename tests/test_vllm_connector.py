@@ -13,6 +13,7 @@ chunked prefill of a long question.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -103,22 +104,56 @@ def _question_logprobs(out, context_end: int) -> list[dict[str, float]]:
 
 
 # ----------------------------------------------------------------- subprocess side
+def _save(path: str, obj) -> None:
+    """Atomic: the test side never reads a half-written file from a child that died mid-write."""
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh)
+    os.replace(path + ".tmp", path)
+
+
+def _exit_child(llm) -> None:
+    """End a child process cleanly: stop the engine, then leave without interpreter teardown.
+
+    Left to interpreter exit, vLLM's engine client is torn down by a finalizer
+    (SIGTERM to EngineCore, 5 s wait, then SIGKILL) while the process's C++
+    runtime (torch, oneDNN/OpenMP, libzmq threads) is being destroyed; that is
+    where such a process can abort. Shutting the engine down explicitly, then
+    `os._exit(0)` once our output is on disk, leaves nothing to race.
+    """
+    from blend.device import shutdown_llm
+
+    shutdown_llm(llm)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _reference(model: str, cases: dict, out_path: str) -> None:
-    """Plain vLLM, no connector: greedy tokens and top-k logprobs for every case."""
+    """Plain vLLM, no connector: greedy tokens and top-k logprobs for every case.
+
+    Results are saved after each step, so a child that dies late still serves
+    the tests whose part it finished.
+    """
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, **ENGINE)
     sp = SamplingParams(max_tokens=GEN, temperature=0.0)
+    names = ["exact"] * len(cases["exact"]) + ["reuse"] * len(cases["reuse"]) + ["longq"] + \
+        ["plain"] * len(cases["plain"])
     prompts = ([ids for ids, _ in cases["exact"]] + [ids for ids, _ in cases["reuse"]]
                + [cases["longq"][0]] + cases["plain"])
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp, use_tqdm=False)
-    res = [{"tokens": list(o.outputs[0].token_ids)} for o in outs]
+    res: dict[str, list] = {"exact": [], "reuse": [], "longq": [], "plain": []}
+    for name, o in zip(names, outs):
+        res[name].append({"tokens": list(o.outputs[0].token_ids)})
+    done = {"exact": res["exact"], "longq": res["longq"][0], "plain": res["plain"]}
+    _save(out_path, done)  # "reuse" waits for its logprobs
     qouts = llm.generate([{"prompt_token_ids": ids} for ids, _ in cases["reuse"]], _kl_params(),
                          use_tqdm=False)
-    for r, o, (_, spans) in zip(res[len(cases["exact"]):], qouts, cases["reuse"]):
+    for r, o, (_, spans) in zip(res["reuse"], qouts, cases["reuse"]):
         r["question_logprobs"] = _question_logprobs(o, spans[-1][1])
-    with open(out_path, "w") as fh:
-        json.dump(res, fh)
+    _save(out_path, {**done, "reuse": res["reuse"]})
+    _exit_child(llm)
 
 
 def _persistence(model: str, store: str, ids: list[int], spans: list, out_path: str) -> None:
@@ -131,16 +166,45 @@ def _persistence(model: str, store: str, ids: list[int], spans: list, out_path: 
     llm = LLM(model=model, kv_transfer_config=ktc, **ENGINE)
     p = blend.BlendPrompt(ids, spans)
     out = llm.generate(p, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
-    with open(out_path, "w") as fh:
-        json.dump({"report": (out.kv_transfer_params or {}).get("blend"),
-                   "tokens": list(out.outputs[0].token_ids)}, fh)
+    _save(out_path, {"report": (out.kv_transfer_params or {}).get("blend"),
+                     "tokens": list(out.outputs[0].token_ids)})
+    _exit_child(llm)
 
 
-def _spawn(*args: str) -> None:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                       env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
+@dataclasses.dataclass
+class Child:
+    """What a child process left: its exit code, its stderr, and the parts it saved."""
+
+    what: str
+    rc: int | None
+    stderr: str
+    parts: dict
+
+    def part(self, name: str):
+        """This test's part of the child's output; without it, fail this test with the stderr."""
+        if name not in self.parts:
+            pytest.fail(f"{self.what}: no {name!r} result (child rc={self.rc}); "
+                        f"its stderr ends:\n{self.stderr[-6000:]}", pytrace=False)
+        return self.parts[name]
+
+    def check_exit(self) -> None:
+        if self.rc != 0:
+            pytest.fail(f"{self.what}: child exited rc={self.rc} after saving "
+                        f"{sorted(self.parts)}; its stderr ends:\n{self.stderr[-6000:]}",
+                        pytrace=False)
+
+
+def _spawn(what: str, env: dict, out_path, *args: str) -> Child:
+    """Run this file as a child process; never raises, so one crash fails only its own tests."""
+    try:
+        r = subprocess.run([sys.executable, __file__, *args, str(out_path)], capture_output=True,
+                           text=True, env=env, timeout=900)
+        rc, err = r.returncode, r.stderr
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        rc, err = None, f"timed out after 900 s\n{err or ''}"
+    parts = json.loads(open(out_path).read()) if os.path.exists(out_path) else {}
+    return Child(what, rc, err, parts)
 
 
 # ----------------------------------------------------------------- fixtures
@@ -157,14 +221,12 @@ def cases(tok):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path, cases, tmp_path_factory):
+def reference(smollm2_path, cases, tmp_path_factory, child_env) -> Child:
+    """Plain vLLM's answers, from a child process. Never raises: a test asks `.part(name)`."""
     d = tmp_path_factory.mktemp("ref")
     (d / "cases.json").write_text(json.dumps(cases))
-    _spawn("reference", smollm2_path, str(d / "cases.json"), str(d / "out.json"))
-    res = json.loads((d / "out.json").read_text())
-    n_exact, n_reuse = len(cases["exact"]), len(cases["reuse"])
-    return {"exact": res[:n_exact], "reuse": res[n_exact:n_exact + n_reuse],
-            "longq": res[n_exact + n_reuse], "plain": res[n_exact + n_reuse + 1:]}
+    return _spawn("reference (plain vLLM)", child_env, d / "out.json", "reference",
+                  smollm2_path, str(d / "cases.json"))
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +239,13 @@ def llm(smollm2_path, store_dir, reference):  # reference first: one engine at a
     from vllm import LLM
 
     import blend
+    from blend.device import shutdown_llm
 
     ktc = blend.kv_transfer_config(store=f"local:{store_dir}", separator=SEP,
                                    cache_fuse_metadata={"recomp_ratio": 0.15})
     engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)
     yield engine
-    del engine
+    shutdown_llm(engine)  # now, not at collection: the next module starts its own engine
 
 
 def _sp(**kw):
@@ -221,7 +284,7 @@ def test_a_exact_at_ratio_one(llm, cases, reference):
     prompts = [blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0})
                for ids, spans in cases["exact"]]
     outs = llm.generate(prompts, _sp(), use_tqdm=False)
-    for i, (o, ref) in enumerate(zip(outs, reference["exact"])):
+    for i, (o, ref) in enumerate(zip(outs, reference.part("exact"))):
         rep = _report(o)
         assert rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
         assert list(o.outputs[0].token_ids) == ref["tokens"], i
@@ -237,7 +300,7 @@ def test_prefix_cache_cooperation(llm, cases, reference):
     rep = _report(o)
     # Either the whole context is cached (connector not asked) or only the tail is blended.
     assert not rep or (rep["num_local"] > 0 and rep["num_local"] % 128 == 0), rep
-    assert list(o.outputs[0].token_ids) == reference["exact"][0]["tokens"]
+    assert list(o.outputs[0].token_ids) == reference.part("exact")[0]["tokens"]
 
 
 def test_blended_blocks_never_serve_a_plain_request(llm, cases, reference):
@@ -249,7 +312,7 @@ def test_blended_blocks_never_serve_a_plain_request(llm, cases, reference):
     o = llm.generate({"prompt_token_ids": ids}, _sp(), use_tqdm=False)[0]
     assert not _report(o)
     assert not o.num_cached_tokens, o.num_cached_tokens  # the blend's blocks are salted apart
-    assert list(o.outputs[0].token_ids) == reference["reuse"][0]["tokens"]
+    assert list(o.outputs[0].token_ids) == reference.part("reuse")[0]["tokens"]
 
 
 def test_chunked_prefill_long_question(llm, cases, reference):
@@ -261,7 +324,7 @@ def test_chunked_prefill_long_question(llm, cases, reference):
     o = llm.generate(blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0}),
                      _sp(), use_tqdm=False)[0]
     assert _report(o)["num_external"] > 0
-    assert list(o.outputs[0].token_ids) == reference["longq"]["tokens"]
+    assert list(o.outputs[0].token_ids) == reference.part("longq")["tokens"]
 
 
 def _offline_kl(model_tok, cases, tok) -> list[float]:
@@ -292,7 +355,7 @@ def test_b_reuse_other_order_and_position(llm, cases, reference, smollm2_fp32, t
     later = [blend.BlendPrompt(ids, spans) for ids, spans in cases["reuse"]]
     outs = llm.generate(later, _kl_params(), use_tqdm=False)
     kls = []
-    for o, ref, (_, spans) in zip(outs, reference["reuse"], cases["reuse"]):
+    for o, ref, (_, spans) in zip(outs, reference.part("reuse"), cases["reuse"]):
         rep = _report(o)
         assert rep["num_external"] > 0 and rep["chunk_hit_tokens"] / rep["chunk_tokens"] >= 0.99, rep
         kls.append(_kl(ref["question_logprobs"], _question_logprobs(o, spans[-1][1])))
@@ -308,19 +371,32 @@ def test_b_reuse_other_order_and_position(llm, cases, reference, smollm2_fp32, t
     tuned = [blend.BlendPrompt(ids, spans, cache_fuse_metadata=TUNED) for ids, spans in cases["reuse"]]
     outs = llm.generate(tuned, _kl_params(), use_tqdm=False)
     kls_t = [_kl(ref["question_logprobs"], _question_logprobs(o, spans[-1][1]))
-             for o, ref, (_, spans) in zip(outs, reference["reuse"], cases["reuse"])]
+             for o, ref, (_, spans) in zip(outs, reference.part("reuse"), cases["reuse"])]
     print(f"tuned {TUNED}: {[round(k, 4) for k in kls_t]}")
     assert all(_report(o)["chunk_hits"] == 4 for o in outs)
     assert sum(kls_t) / len(kls_t) <= KL_TARGET, kls_t
 
 
-def test_c_persistence_in_a_new_process(llm, cases, store_dir, smollm2_path, tmp_path):
+def test_c_persistence_in_a_new_process(llm, cases, store_dir, smollm2_path, tmp_path,
+                                        child_env):
     """A fresh engine in a fresh process on the same store finds every stored chunk."""
     ids, spans = cases["reuse"][0]
-    out = tmp_path / "persist.json"
-    _spawn("persistence", smollm2_path, store_dir, json.dumps([ids, spans]), str(out))
-    rep = json.loads(out.read_text())["report"]
+    child = _spawn("persistence (a new engine on the same store)", child_env,
+                   tmp_path / "persist.json",
+                   "persistence", smollm2_path, store_dir, json.dumps([ids, spans]))
+    rep = child.part("report")
     assert rep and rep["chunks"] == 4 and rep["chunk_hits"] == 4, rep
+    child.check_exit()
+
+
+def test_reference_child_exits_cleanly(reference):
+    """The plain-vLLM child saved every part and exited 0 (its engine shut down first).
+
+    Its own test: a child that crashes after saving its answers fails here only.
+    """
+    for name in ("exact", "reuse", "longq", "plain"):
+        reference.part(name)
+    reference.check_exit()
 
 
 def test_d_sixteen_concurrent_mixed(llm, cases, reference):
@@ -342,7 +418,7 @@ def test_d_sixteen_concurrent_mixed(llm, cases, reference):
         by_kind[kinds[i]].append((i, o))
     for i, o in by_kind["plain"]:
         assert not _report(o)
-        assert list(o.outputs[0].token_ids) == reference["plain"][i - len(blended)]["tokens"]
+        assert list(o.outputs[0].token_ids) == reference.part("plain")[i - len(blended)]["tokens"]
     for _, o in by_kind["blend"]:
         assert _report(o)["chunks"] == 4
     for _, o in by_kind["sep"]:
@@ -368,7 +444,7 @@ def test_e_bad_spans_in_raw_params_fall_back_to_plain(llm, cases, reference):
         sp = _sp(extra_args={"kv_transfer_params": {"blend": {"spans": spans}}})
         o = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0]
         assert not _report(o)
-        assert list(o.outputs[0].token_ids) == reference["plain"][0]["tokens"]
+        assert list(o.outputs[0].token_ids) == reference.part("plain")[0]["tokens"]
     bad_cfg = _sp(extra_args={"kv_transfer_params": {"blend": {
         "spans": cases["exact"][1][1], "cache_fuse_metadata": {"recomp_ratio": 7}}}})
     o = llm.generate({"prompt_token_ids": cases["exact"][1][0]}, bad_cfg, use_tqdm=False)[0]
@@ -450,8 +526,8 @@ def test_e_unsupported_architecture_is_refused(smollm2_path, tmp_path):
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "reference":
+    if mode == "reference":  # reference MODEL CASES_JSON OUT
         _reference(sys.argv[2], json.loads(open(sys.argv[3]).read()), sys.argv[4])
-    elif mode == "persistence":
+    elif mode == "persistence":  # persistence MODEL STORE [IDS, SPANS] OUT
         ids, spans = json.loads(sys.argv[4])
         _persistence(sys.argv[2], sys.argv[3], ids, spans, sys.argv[5])

@@ -20,6 +20,7 @@ def test_preempted_blends_resume_correctly(smollm2_path, tmp_path):
     from vllm import LLM, SamplingParams
 
     import blend
+    from blend.device import shutdown_llm
 
     ktc = blend.kv_transfer_config(store=f"local:{tmp_path}",
                                    cache_fuse_metadata={"recomp_ratio": 1.0})
@@ -33,8 +34,11 @@ def test_preempted_blends_resume_correctly(smollm2_path, tmp_path):
                                   "Write a long, detailed explanation of the first document.")
                for i in range(3)]
     sp = SamplingParams(max_tokens=300, min_tokens=300, temperature=0.0)
-    alone = [llm.generate(p, sp, use_tqdm=False)[0] for p in prompts]
-    together = llm.generate(prompts, sp, use_tqdm=False)
+    try:
+        alone = [llm.generate(p, sp, use_tqdm=False)[0] for p in prompts]
+        together = llm.generate(prompts, sp, use_tqdm=False)
+    finally:
+        shutdown_llm(llm)  # now, not at collection: the next module starts its own engine
     need = sum(len(p.prompt_token_ids) + 300 for p in prompts)
     assert need > 17 * 128, "the batch must not fit: no preemption otherwise"
     for a, t in zip(alone, together):

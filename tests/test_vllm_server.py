@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from blend.device import choose_dtype
 
 pytestmark = pytest.mark.vllm
 
@@ -30,7 +31,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_path, tmp_path_factory):
+def server(smollm2_path, tmp_path_factory, child_env):
     port = _free_port()
     store = tmp_path_factory.mktemp("kv")
     ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
@@ -42,11 +43,11 @@ def server(smollm2_path, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smollm2_path,
-         "--dtype", "bfloat16", "--enforce-eager",
+         "--dtype", choose_dtype("cpu").dtype, "--enforce-eager",  # see test_vllm_metrics
          "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
          "--kv-transfer-config", json.dumps(ktc)],
         stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
+        env=child_env)  # not os.environ: in-process engines rewrite it (conftest)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
