@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -37,6 +35,7 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deviation.ipynb", "tuning.ipynb"])
 def test_notebook_executes(name, kernel_name, tmp_path, monkeypatch):
     import nbformat
@@ -56,3 +55,19 @@ def test_notebook_executes(name, kernel_name, tmp_path, monkeypatch):
     sources = "\n".join(c.source for c in nb.cells)
     for png in [s.split('"')[1] for s in sources.split("FIGS / ")[1:]]:
         assert png in figures, f"{name} did not save {png}"
+
+
+@pytest.mark.parametrize("name", ["deviation.ipynb", "tuning.ipynb"])
+def test_committed_notebook_has_outputs(name):
+    """The repo's copy is the executed one: every figure it saves is shown, as an image/png output.
+
+    Cheap (reads JSON only) and not marked slow: a notebook committed without its outputs
+    fails here even where the slow execution test is deselected.
+    """
+    nb = json.loads((NOTEBOOKS / name).read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    unrun = [i for i, c in enumerate(code) if c.get("execution_count") is None]
+    assert not unrun, f"{name}: code cells {unrun} were never executed"
+    pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    saved = sum("".join(c["source"]).count("FIGS / ") for c in code)
+    assert saved and pngs >= saved, f"{name}: {pngs} image/png outputs for {saved} saved figures"
