@@ -50,6 +50,13 @@ GEN = 16
 LOGPROBS = 20  # vLLM's default max_logprobs
 LP_ATOL = 0.25  # per generated token, |logprob plain - logprob blend| at r=1.0 (bf16 logits)
 LP_MEAN_ATOL = 0.05
+# bf16 greedy decoding flips on near-ties, and plain vLLM itself is not batch-invariant:
+# on vLLM CPU bf16, 3 of the 8 plain requests in the 16-request mix left their plain
+# references (at ties of 0.25 nats), and an r=1.0 blend left plain vLLM at token 13 where
+# plain's top two were 0.25 apart. A bf16 logit between 16 and 32 moves in steps of 0.125.
+# So "identical" means: identical, or identical up to a position where plain vLLM's own top
+# two are within TIE_NATS (two such steps plus rounding), after which the texts differ.
+TIE_NATS = 0.3
 KL_SLACK = 1.10  # (b): GPU KL <= 1.1 x the CPU engine's on the same prompts
 SPAWN_TIMEOUT = 420
 SYS_A = "You are a helpful assistant."
@@ -64,6 +71,24 @@ def _row(out, i: int = 0) -> dict[str, float]:
 def _chosen_logprobs(out) -> list[float]:
     o = out.outputs[0]
     return [o.logprobs[i][t].logprob for i, t in enumerate(o.token_ids)]
+
+
+def _rows(out) -> list[dict[str, float]]:
+    return [_row(out, i) for i in range(len(out.outputs[0].token_ids))]
+
+
+def _divergence(tokens: list[int], ref: dict) -> int | None:
+    """None if `tokens` equal plain vLLM's; else the first differing position, which must be
+    a near-tie in plain vLLM's own distribution there (else AssertionError)."""
+    for i, (a, b) in enumerate(zip(tokens, ref["tokens"])):
+        if a != b:
+            row = ref["rows"][i]
+            assert str(a) in row and row[str(b)] - row[str(a)] <= TIE_NATS, (
+                f"token {i}: got {a}, plain vLLM {b}, plain's logprobs there "
+                f"{b}: {row[str(b)]:.4f}, {a}: {row.get(str(a))}")
+            return i
+    assert len(tokens) == len(ref["tokens"]), (tokens, ref["tokens"])
+    return None
 
 
 def _load_reference_cases() -> dict:
@@ -129,14 +154,14 @@ def _reference(model: str, cases: dict, out_path: str) -> None:
     first = SamplingParams(max_tokens=1, temperature=0.0, logprobs=LOGPROBS)
     outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in cases["exact"]], gen,
                         use_tqdm=False)
-    exact = [{"tokens": list(o.outputs[0].token_ids), "logprobs": _chosen_logprobs(o)}
-             for o in outs]
+    exact = [{"tokens": list(o.outputs[0].token_ids), "logprobs": _chosen_logprobs(o),
+              "rows": _rows(o)} for o in outs]
     outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in cases["reuse"]], first,
                         use_tqdm=False)
     reuse = [_row(o) for o in outs]
-    outs = llm.generate([{"prompt_token_ids": ids} for _, ids, _ in cases["mixed"]],
-                        SamplingParams(max_tokens=GEN, temperature=0.0), use_tqdm=False)
-    mixed = [list(o.outputs[0].token_ids) for o in outs]
+    outs = llm.generate([{"prompt_token_ids": ids} for _, ids, _ in cases["mixed"]], gen,
+                        use_tqdm=False)
+    mixed = [{"tokens": list(o.outputs[0].token_ids), "rows": _rows(o)} for o in outs]
     _finish(llm, out_path, {"exact": exact, "reuse": reuse, "mixed": mixed})
 
 
@@ -220,16 +245,21 @@ def test_a_exact_at_ratio_one(llm, cases, reference):
     prompts = [blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0})
                for ids, spans in cases["exact"]]
     outs = llm.generate(prompts, _sp(logprobs=LOGPROBS), use_tqdm=False)
-    worst = []
+    worst, split = [], []
     for i, (o, ref) in enumerate(zip(outs, reference["exact"])):
         rep = _report(o)
         assert rep and rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
-        assert list(o.outputs[0].token_ids) == ref["tokens"], (i, o.outputs[0].token_ids, ref)
-        diffs = [abs(a - b) for a, b in zip(_chosen_logprobs(o), ref["logprobs"])]
+        at = _divergence(list(o.outputs[0].token_ids), ref)
+        split.append(at)
+        n = GEN if at is None else at + 1  # logprobs compared up to the tie, inclusive
+        diffs = [abs(a - b) for a, b in zip(_chosen_logprobs(o)[:n], ref["logprobs"][:n])]
+        if at is not None:  # at the tie itself: the same token's logprob in both runs
+            diffs[-1] = abs(_row(o, at)[str(ref["tokens"][at])] - ref["logprobs"][at]) \
+                if str(ref["tokens"][at]) in _row(o, at) else 0.0
         worst.append(max(diffs))
         assert max(diffs) <= LP_ATOL and sum(diffs) / len(diffs) <= LP_MEAN_ATOL, (i, diffs)
-    print(f"r=1.0: tokens identical on {len(outs)} prompts x {GEN}; "
-          f"max |d logprob| per prompt {[round(w, 4) for w in worst]}")
+    print(f"r=1.0: {len(outs)} prompts x {GEN} tokens; first divergence at a near-tie "
+          f"(None = identical) {split}; max |d logprob| per prompt {[round(w, 4) for w in worst]}")
 
 
 def test_b_reuse_other_order_and_position(llm, cases, reference):
@@ -261,16 +291,18 @@ def test_d_sixteen_concurrent_mixed(llm, cases, reference):
 
     prompts = [blend.BlendPrompt(ids, spans) if kind == "blend" else {"prompt_token_ids": ids}
                for kind, ids, spans in cases["mixed"]]
-    outs = llm.generate(prompts, _sp(), use_tqdm=False)
+    outs = llm.generate(prompts, _sp(logprobs=LOGPROBS), use_tqdm=False)
     assert len(outs) == 16
+    split = {}
     for i, ((kind, _, _), o, ref) in enumerate(zip(cases["mixed"], outs, reference["mixed"])):
         assert o.finished and o.outputs[0].token_ids, i
         if kind == "plain":
             assert not _report(o), (i, _report(o))
-            assert list(o.outputs[0].token_ids) == ref, (i, o.outputs[0].token_ids, ref)
+            split[i] = _divergence(list(o.outputs[0].token_ids), ref)
         else:
             rep = _report(o)
             assert rep and rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
+    print(f"mixed: plain requests' first divergence at a near-tie (None = identical): {split}")
 
 
 def _wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, deadline_s: float) -> None:
