@@ -181,9 +181,11 @@ def _sync_check(model: str, store: str, ids: list[int], spans: list, out_path: s
                              "finished": o.finished} for o in outs])
 
 
-def _spawn(*args: str, env: dict | None = None) -> None:
+def _spawn(*args: str, env: dict) -> None:
+    """Run this file as a child; `env` is the session's (conftest `child_env`), not os.environ
+    as an in-process engine left it."""
     r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, timeout=SPAWN_TIMEOUT)
+                       env=env, timeout=SPAWN_TIMEOUT)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-6000:])
 
 
@@ -201,11 +203,11 @@ def cases(tok):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path, cases, tmp_path_factory):
+def reference(smollm2_path, cases, tmp_path_factory, child_env):
     d = tmp_path_factory.mktemp("ref")
     (d / "cases.json").write_text(json.dumps(cases))
     t = time.time()
-    _spawn("reference", smollm2_path, str(d / "cases.json"), str(d / "out.json"))
+    _spawn("reference", smollm2_path, str(d / "cases.json"), str(d / "out.json"), env=child_env)
     print(f"plain reference engine: {time.time() - t:.0f} s")
     return json.loads((d / "out.json").read_text())
 
@@ -319,7 +321,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, deadline_s:
     raise RuntimeError("vllm serve did not become healthy:\n" + log_path.read_text()[-6000:])
 
 
-def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path):
+def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_env):
     """`vllm serve` + connector: a completion with chunk spans is answered from the store."""
     import blend
 
@@ -336,7 +338,8 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path):
            str(ENGINE["gpu_memory_utilization"]), "--seed", "0", "--host", "127.0.0.1",
            "--port", str(port), "--kv-transfer-config", json.dumps(ktc)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env,
+                                cwd=tempfile.gettempdir())
     base = f"http://127.0.0.1:{port}"
     try:
         t = time.time()
@@ -368,14 +371,14 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path):
             proc.kill()
 
 
-def test_g_hot_path_has_no_device_sync(llm, cases, store_dir, smollm2_path, tmp_path):
+def test_g_hot_path_has_no_device_sync(llm, cases, store_dir, smollm2_path, tmp_path, child_env):
     """BLEND_SYNC_CHECK=1: the worker's hot path runs under sync debug mode "error"
     (a sync raises and the request fails). A fresh engine on the module's store."""
     ids, spans = cases["reuse"][0]
     out = tmp_path / "sync.json"
     t = time.time()
     _spawn("sync_check", smollm2_path, store_dir, json.dumps([ids, spans]), str(out),
-           env={"BLEND_SYNC_CHECK": "1"})
+           env={**child_env, "BLEND_SYNC_CHECK": "1"})
     res = json.loads(out.read_text())
     print(f"sync-check engine: {time.time() - t:.0f} s; {res}")
     for r in res:

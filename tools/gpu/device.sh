@@ -11,7 +11,7 @@
 # on a warm machine a done install is skipped (the project itself is reinstalled only when its
 # sources changed). Afterwards `source /root/gpu-env.sh` gives the environment by hand.
 # Files in $OUT (default /tmp/out): install.txt env.txt vllm_gpu_tests.txt ttft_vllm_gpu.json
-# ttft_vllm_gpu.txt (at most 8 come back).
+# ttft_vllm_gpu.txt ttft_vllm_gpu.workers.log (6 files; at most 8 come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
