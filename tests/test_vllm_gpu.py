@@ -42,6 +42,10 @@ from test_vllm_connector import QUESTIONS, _kl, _passages, _report
 from test_vllm_server import _free_port, _post
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
+# The in-process engines start after this process has touched CUDA (importing the blend
+# kernels does); a forked EngineCore then dies with "Cannot re-initialize CUDA in forked
+# subprocess" (seen on the H200, vLLM 0.26). Spawned, it starts clean.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_REFERENCE = ROOT / "bench" / "results" / "kl_reference.json"
