@@ -103,7 +103,7 @@ class ChunkStore(ABC):
 
     def get(self, key: str) -> torch.Tensor | None:
         """A new tensor the caller owns, or None on a miss."""
-        return self._read("get", self._get, key)
+        return self._read_entry("get", self._get, key)
 
     def fetch(self, key: str) -> torch.Tensor | None:
         """The entry without a host copy where the backend can (the serving path), or None.
@@ -112,9 +112,9 @@ class ChunkStore(ABC):
         read it, never write it, and drop it when done. Backends without such a
         tier return a fresh tensor, as `get` does.
         """
-        return self._read("fetch", self._fetch, key)
+        return self._read_entry("fetch", self._fetch, key)
 
-    def _read(self, op: str, fn, key: str) -> torch.Tensor | None:
+    def _read_entry(self, op: str, fn, key: str) -> torch.Tensor | None:
         if not valid_key(key):
             self._miss_with("bad_key", op)
             return None
