@@ -292,7 +292,10 @@ class BlendWorker:
             seqs.append(seq)
             pieces += pcs
         fetch_ms = self.stats.load_ms - fetch0
-        load = LayerLoad(blender, self.kv, pieces)
+        # Named ranges for bench/profile_vllm_gpu.py (nearly free without a profiler).
+        rf = torch.profiler.record_function
+        with rf("cacheblend.issue_copies"):
+            load = LayerLoad(blender, self.kv, pieces)
         trace = BlendTrace() if self.trace_dir else None
         cuda = load.cuda
         events = None
@@ -300,8 +303,9 @@ class BlendWorker:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             events[0].record()
         hook = load.hook if trace is None or cuda else _timed(load.hook, trace)
-        out = blender.run(seqs, self.kv, blend=True, trace=trace, layer_hook=hook)
-        load.finish(self.gpu_tier)
+        with rf("cacheblend.blend"):
+            out = blender.run(seqs, self.kv, blend=True, trace=trace, layer_hook=hook)
+            load.finish(self.gpu_tier)
         if events is not None:
             events[1].record()
         st = self.stats

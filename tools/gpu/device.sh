@@ -6,6 +6,7 @@
 #                                                  # /tmp/site; SmolLM2 bf16 from the carried GGUF
 #   bash tools/gpu/device.sh tests                 # tests/test_vllm_gpu.py -> $OUT/vllm_gpu_tests.txt
 #   bash tools/gpu/device.sh bench [ARGS...]       # bench/ttft_vllm_gpu.py -> $OUT/ttft_vllm_gpu.json
+#   bash tools/gpu/device.sh profile [ARGS...]     # bench/profile_vllm_gpu.py -> $OUT/profile_vllm_gpu.json
 #   bash tools/gpu/device.sh all                   # install + tests + bench (needs > 10 min: split it)
 # Several subcommands run in order: `device.sh stash install tests`. Every step is idempotent:
 # on a warm machine a done install is skipped (the project itself is reinstalled only when its
@@ -137,7 +138,17 @@ bench() {
   return "$rc"
 }
 
-[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+profile() {
+  install_project || return 1
+  log "profile: bench/profile_vllm_gpu.py $*"
+  timeout "$(left)" python3 -P bench/profile_vllm_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/profile_vllm_gpu.txt" \
+    | grep -vE "^(INFO|DEBUG|WARNING) [0-9]"
+  local rc=${PIPESTATUS[0]}
+  log "profile: rc=$rc"
+  return "$rc"
+}
+
+[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
 rc=0
 while [ $# -gt 0 ]; do
   cmd=$1; shift
@@ -146,8 +157,9 @@ while [ $# -gt 0 ]; do
     install) install || exit 1 ;;
     tests) tests || rc=1 ;;
     bench) bench "$@" || rc=1; break ;;
+    profile) profile "$@" || rc=1; break ;;
     all) install || exit 1; tests || rc=1; bench || rc=1 ;;
-    *) echo "unknown subcommand $cmd (stash|install|tests|bench|all)" >&2; exit 2 ;;
+    *) echo "unknown subcommand $cmd (stash|install|tests|bench|profile|all)" >&2; exit 2 ;;
   esac
 done
 exit "$rc"
