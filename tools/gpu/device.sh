@@ -128,25 +128,19 @@ tests() {
   return "$rc"
 }
 
-bench() {
+run_script() {  # NAME ARGS...: bench/NAME.py -> $OUT/NAME.txt (+ what the script writes to $OUT)
+  local name=$1; shift
   install_project || return 1
-  log "bench: bench/ttft_vllm_gpu.py $*"
-  timeout "$(left)" python3 -P bench/ttft_vllm_gpu.py --out "$OUT/ttft_vllm_gpu.json" "$@" 2>&1 | tee "$OUT/ttft_vllm_gpu.txt" \
-    | grep -vE "^(INFO|DEBUG|WARNING) [0-9]|^\(EngineCore" 
+  log "$name: bench/$name.py $*"
+  timeout "$(left)" python3 -P "bench/$name.py" "$@" 2>&1 | tee "$OUT/$name.txt" \
+    | grep -vE "^(INFO|DEBUG|WARNING) [0-9]|^\(EngineCore"
   local rc=${PIPESTATUS[0]}
-  log "bench: rc=$rc"
+  log "$name: rc=$rc"
   return "$rc"
 }
 
-profile() {
-  install_project || return 1
-  log "profile: bench/profile_vllm_gpu.py $*"
-  timeout "$(left)" python3 -P bench/profile_vllm_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/profile_vllm_gpu.txt" \
-    | grep -vE "^(INFO|DEBUG|WARNING) [0-9]"
-  local rc=${PIPESTATUS[0]}
-  log "profile: rc=$rc"
-  return "$rc"
-}
+bench() { run_script ttft_vllm_gpu --out "$OUT/ttft_vllm_gpu.json" "$@"; }
+profile() { run_script profile_vllm_gpu --out "$OUT" "$@"; }
 
 [ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
 rc=0
