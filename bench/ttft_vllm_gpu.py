@@ -243,7 +243,7 @@ def trace_timings(trace_dir: Path, request_ids: list[str]) -> dict[str, float]:
         except (OSError, ValueError):
             continue
         rid = str(doc.get("req_id", p.stem))
-        if not any(r in rid or rid in r for r in request_ids):
+        if not any(rid == r or rid.startswith(r + "-") for r in request_ids):  # core id = id-suffix
             continue
         for k, v in (doc.get("timings_ms") or {}).items():
             if isinstance(v, (int, float)):

@@ -152,7 +152,8 @@ class Blender:
             k_cache, v_cache = kv.layer(layer)
             q, k, v = a.qkv(layer, h, act_pos)
             if layer in checks:
-                d = ops.deviation(k, v, k_cache, v_cache, act_slots, cfg.deviation)
+                d = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, act_slots,
+                                                  cfg.deviation))
                 take = [nf + num_recompute(checks[layer], nc) for nf, nc in zip(n_forced, n_cached)]
                 keep = ops.select(d, act_forced, act_cu, take)
                 if trace is not None:

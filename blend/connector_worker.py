@@ -42,7 +42,7 @@ from blend.config import BlendConfig
 from blend.connector_identity import vllm_identity
 from blend.connector_kv import layer_views, probe_cpu_layout
 from blend.connector_meta import BlendRequest
-from blend.keys import model_fingerprint
+from blend.keys import chunk_key, model_fingerprint
 from blend.kv import slots_for
 from blend.log import get_logger
 
@@ -94,6 +94,7 @@ class WorkerStats:
     blend_ms: float = 0.0
     computed_chunks: int = 0
     stored_chunks: int = 0
+    rank_misses: int = 0  # chunks this rank had but another TP rank lacked (recomputed)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def take(self) -> dict[str, Any]:
@@ -121,21 +122,28 @@ class BlendWorker:
         self.stats = WorkerStats()
         self._pending_puts: list[tuple[str, torch.Tensor]] = []
         self.trace_dir = extra.get("trace_dir")
+        self.rank, self.fingerprint, self.tp = 0, "", None
         self.last_traces: dict[str, dict] = {}
         self._blenders: dict[str, Blender] = {}
 
     # ------------------------------------------------------------------ set-up
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Bind the model, the store and K/V views now, so a misfit fails at start-up."""
-        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tp_group
 
         from blend.models.vllm_llama import vllm_adapter_for
         from blend.patches.model_capture import captured_model
         from blend.store import open_store
 
-        identity = vllm_identity(self.vllm_config, get_tensor_model_parallel_rank())
+        self.rank = int(get_tensor_model_parallel_rank())
+        identity = vllm_identity(self.vllm_config, self.rank)
         adapter = vllm_adapter_for(captured_model(), identity)
-        self.store = open_store(self.extra.get("store"), model_fingerprint(**identity))
+        self.fingerprint = model_fingerprint(**identity)
+        self.store = open_store(self.extra.get("store"), self.fingerprint)
+        group = get_tp_group()
+        self.tp = group if group.world_size > 1 else None
+        if self.trace_dir and self.rank:  # each rank traces its own selection
+            self.trace_dir = os.path.join(self.trace_dir, f"rank{self.rank}")
         names = sorted(kv_caches, key=_layer_index)
         if len(names) != adapter.num_layers:
             raise RuntimeError(f"cacheblend: {len(names)} KV cache layers for a "
@@ -191,62 +199,97 @@ class BlendWorker:
                                 kv.dtype)
 
     # ------------------------------------------------------------------ per step
-    def _chunk_kv(self, req: BlendRequest, i: int, sources: dict[str, ChunkSource]
-                  ) -> ChunkSource | None:
-        """Chunk `i`'s KV for this run: GPU tier, then the store, then (on a miss) computed."""
-        ch = req.chunks[i]
+    def _key(self, req: BlendRequest, ch) -> str:
+        """The chunk's key in this rank's store: the scheduler keys rank 0's shard."""
+        if self.rank == 0:
+            return ch.key
+        return chunk_key(self.fingerprint, req.token_ids[ch.start:ch.end])
+
+    def _fetch(self, key: str, n: int) -> ChunkSource | None:
+        """A chunk's KV from the GPU tier or the store, or None (absent or not fitting)."""
         a = self.blender.adapter
-        n = ch.end - ch.start
-        src = sources.get(ch.key)
-        if src is None:
-            t0 = time.perf_counter()
-            t = self.gpu_tier.get(ch.key) if self.gpu_tier is not None else None
-            in_tier = t is not None
-            if t is None and self.store is not None:
-                t = self.store.fetch(ch.key)
-            if t is not None and (tuple(t.shape) != (a.num_layers, 2, n, a.num_kv_heads,
-                                                     a.head_dim) or t.dtype != a.dtype):
-                log.warning("chunk %s: stored %s %s does not fit; recomputing", ch.key[:12],
-                            tuple(t.shape), t.dtype)
-                t = None
-            if t is not None:
-                src, pinned = source_for(ch.key, t, torch.device(a.device), self.gpu_tier, in_tier)
-                self.stats.gpu_hits += int(in_tier)
-                self.stats.pinned_on_load += int(pinned)
-                if src.host is not None:
-                    self.stats.bytes_loaded += t.numel() * t.element_size()
-            self.stats.load_ms += (time.perf_counter() - t0) * 1e3
-            if src is None and req.on_miss == "compute":
-                kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
-                self._pending_puts.append((ch.key, kv))
-                if self.gpu_tier is not None:
-                    self.gpu_tier.put(ch.key, kv)
-                src = ChunkSource(ch.key, None, kv)
-                self.stats.computed_chunks += 1
-                sources[ch.key] = src
-                return src
-            if src is None:
-                return None
-            sources[ch.key] = src
-        self.stats.chunk_hits += 1
-        self.stats.chunk_hit_tokens += n
+        t0 = time.perf_counter()
+        t = self.gpu_tier.get(key) if self.gpu_tier is not None else None
+        in_tier = t is not None
+        if t is None and self.store is not None:
+            t = self.store.fetch(key)
+        src = None
+        if t is not None and (tuple(t.shape) != (a.num_layers, 2, n, a.num_kv_heads, a.head_dim)
+                              or t.dtype != a.dtype):
+            log.warning("chunk %s: stored %s %s does not fit; recomputing", key[:12],
+                        tuple(t.shape), t.dtype)
+        elif t is not None:
+            src, pinned = source_for(key, t, torch.device(a.device), self.gpu_tier, in_tier)
+            self.stats.gpu_hits += int(in_tier)
+            self.stats.pinned_on_load += int(pinned)
+            if src.host is not None:
+                self.stats.bytes_loaded += t.numel() * t.element_size()
+        self.stats.load_ms += (time.perf_counter() - t0) * 1e3
         return src
 
-    def _plan(self, req: BlendRequest, config: BlendConfig, sources: dict[str, ChunkSource]
-              ) -> tuple[BlendSeq, list[Piece]]:
+    def _fetch_all(self, requests: list[BlendRequest]) -> dict[str, ChunkSource | None]:
+        """Every chunk the run places, fetched once, in the order of the step's metadata.
+
+        With tensor parallelism each rank reads its own shard, so one rank can miss where
+        another hits; the ranks then agree (MIN over the TP group's CPU group, no device
+        sync) and a chunk any rank lacks is recomputed on every rank alike.
+        """
+        found: dict[str, ChunkSource | None] = {}
+        for req in requests:
+            for ch in req.chunks:
+                if max(ch.start, req.num_local) < min(ch.end, req.context_end):
+                    key = self._key(req, ch)
+                    if key not in found:
+                        found[key] = self._fetch(key, ch.end - ch.start)
+        if self.tp is not None and found:
+            import torch.distributed as dist
+
+            have = torch.tensor([src is not None for src in found.values()], dtype=torch.int32)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN, group=self.tp.cpu_group)
+            for key, ok in zip(list(found), have.tolist()):
+                if not ok and found[key] is not None:
+                    log.warning("chunk %s: another rank lacks its shard; recomputing on every "
+                                "rank", key[:12])
+                    found[key] = None
+                    self.stats.rank_misses += 1
+        return found
+
+    def _chunk_kv(self, req: BlendRequest, ch, found: dict[str, ChunkSource | None],
+                  computed: set[str]) -> ChunkSource | None:
+        """Chunk `ch`'s KV for this run: fetched, or (on a miss) computed from the chunk alone."""
+        key = self._key(req, ch)
+        src = found.get(key)
+        if src is not None:
+            if key not in computed:
+                self.stats.chunk_hits += 1
+                self.stats.chunk_hit_tokens += ch.end - ch.start
+            return src
+        if req.on_miss != "compute":
+            return None
+        kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
+        self._pending_puts.append((key, kv))
+        if self.gpu_tier is not None:
+            self.gpu_tier.put(key, kv)
+        found[key] = src = ChunkSource(key, None, kv)
+        computed.add(key)
+        self.stats.computed_chunks += 1
+        return src
+
+    def _plan(self, req: BlendRequest, config: BlendConfig, found: dict[str, ChunkSource | None],
+              computed: set[str]) -> tuple[BlendSeq, list[Piece]]:
         """The request's BlendSeq over `[num_local, context_end)` and its chunk pieces."""
         p0, end = req.num_local, req.context_end
         row = torch.tensor(req.block_ids, dtype=torch.int32)
         forced = torch.ones(end - p0, dtype=torch.bool)  # text is recomputed unless a chunk covers it
         pieces: list[Piece] = []
         sink = config.sink_tokens
-        for i, ch in enumerate(req.chunks):
+        for ch in req.chunks:
             lo, hi = max(ch.start, p0), min(ch.end, end)
             self.stats.chunks += 1
             self.stats.chunk_tokens += ch.end - ch.start
             if lo >= hi:
                 continue  # wholly inside vLLM's prefix cache (or past the context)
-            src = self._chunk_kv(req, i, sources)
+            src = self._chunk_kv(req, ch, found, computed)
             if src is None:
                 continue  # stays forced: recomputed like text
             slots = slots_for(row, torch.arange(lo, hi), self.block_size)  # host: no sync
@@ -285,13 +328,14 @@ class BlendWorker:
         """Blend one batch; returns what its traces need when tracing is on."""
         t0 = time.perf_counter()
         blender = self._blender_for(requests[0].config)
-        seqs, pieces, sources = [], [], {}
+        seqs, pieces, computed = [], [], set()
         fetch0 = self.stats.load_ms
+        found = self._fetch_all(requests)
+        fetch_ms = self.stats.load_ms - fetch0
         for req in requests:
-            seq, pcs = self._plan(req, blender.config, sources)
+            seq, pcs = self._plan(req, blender.config, found, computed)
             seqs.append(seq)
             pieces += pcs
-        fetch_ms = self.stats.load_ms - fetch0
         # Named ranges for bench/profile_vllm_gpu.py (nearly free without a profiler).
         rf = torch.profiler.record_function
         with rf("cacheblend.issue_copies"):

@@ -42,6 +42,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
                        "vllm:cacheblend_pinned_on_load"),
     "load_ms": ("milliseconds spent loading chunk KV", "vllm:cacheblend_load_milliseconds"),
     "blend_ms": ("milliseconds spent blending", "vllm:cacheblend_blend_milliseconds"),
+    "rank_misses": ("chunks a TP rank had but another lacked, recomputed on every rank",
+                    "vllm:cacheblend_rank_misses"),
     "fallbacks": ("requests with chunks that fell back to plain prefill",
                   "vllm:cacheblend_fallbacks"),
 }
@@ -51,7 +53,7 @@ _WORKER_KEYS = {"chunks": "chunk_lookups", "chunk_hits": "chunk_hits",
                 "recomputed_tokens": "recomputed_tokens", "computed_chunks": "computed_chunks",
                 "stored_chunks": "stored_chunks", "bytes_loaded": "bytes_loaded",
                 "load_ms": "load_ms", "blend_ms": "blend_ms", "gpu_hits": "gpu_hits",
-                "pinned_on_load": "pinned_on_load"}
+                "pinned_on_load": "pinned_on_load", "rank_misses": "rank_misses"}
 
 
 def empty() -> dict[str, Any]:

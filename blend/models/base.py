@@ -71,6 +71,15 @@ class ModelAdapter(ABC):
     def identity(self) -> dict[str, Any]:
         """Fields for `keys.model_fingerprint` (model id, revision, rope config...)."""
 
+    def reduce_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-token selection scores summed over every shard of the model.
+
+        A tensor-parallel rank holds a share of the KV heads, so its deviation
+        covers those heads only; every rank must rank the same totals, or the
+        ranks recompute different tokens and their hidden states part ways.
+        """
+        return scores
+
 
 def check_rope_type(rope_type: str) -> None:
     if rope_type not in LINEAR_ROPE_TYPES:

@@ -80,6 +80,9 @@ class VllmLlamaAdapter(ModelAdapter):
                                if hasattr(self.inner.embed_tokens, "embedding_dim")
                                else self.layers[0].input_layernorm.weight.shape[0])
         self._identity = identity or {}
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        self.tp_size = int(get_tensor_model_parallel_world_size())
 
     # The packed residual stream: [hidden | residual]; layer 0's residual is unused.
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +134,15 @@ class VllmLlamaAdapter(ModelAdapter):
 
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
+
+    def reduce_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Summed over the TP group with vLLM's own communicator (one collective per check
+        layer, queued on the stream like the row-parallel layers' all-reduces: no host sync)."""
+        if self.tp_size == 1:
+            return scores
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        return tensor_model_parallel_all_reduce(scores.float().contiguous())
 
 
 def vllm_adapter_for(model: torch.nn.Module, identity: dict[str, Any] | None = None
