@@ -60,22 +60,12 @@ class LocalStore(ChunkStore):
         return True
 
     def _get(self, key: str) -> torch.Tensor | None:
-        t = self.mem.get(key)
-        if t is not None:
-            own = fmt.alloc(tuple(t.shape), t.dtype)
-            own.copy_(t)
-            self._count(memory_hits=1)
-            return own
-        t = self.disk.read(key, self._alloc)
-        if t is None:
-            return None
-        self._count(disk_hits=1)
-        if self.promote and self.mem.fits(t.numel() * t.element_size()):
-            self.mem.put(key, t)
-            own = fmt.alloc(tuple(t.shape), t.dtype)
-            own.copy_(t)
-            return own
-        return t
+        t = self._fetch(key)
+        if t is None or self.mem.get(key) is not t:
+            return t  # absent, or a disk read the memory tier did not keep: the caller's own
+        own = fmt.alloc(tuple(t.shape), t.dtype)  # the tier's tensor stays the tier's
+        own.copy_(t)
+        return own
 
     def _fetch(self, key: str) -> torch.Tensor | None:
         t = self.mem.get(key)
