@@ -49,6 +49,14 @@ def qwen05_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def tok(smollm2_path):
+    """SmolLM2's tokenizer (the vLLM modules build their prompts with it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def smollm2_fp32(smollm2_path):
     """(model, tokenizer) in fp32: exactness checks need fp32 round-off, not bf16's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -209,13 +209,6 @@ def _spawn(what: str, env: dict, out_path, *args: str) -> Child:
 
 # ----------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-@pytest.fixture(scope="module")
 def cases(tok):
     return _cases(tok)
 

@@ -195,13 +195,6 @@ def _spawn(*args: str, env: dict) -> None:
 
 # ----------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-@pytest.fixture(scope="module")
 def cases(tok):
     return _cases(tok)
 
