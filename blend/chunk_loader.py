@@ -110,10 +110,6 @@ class LayerLoad:
             self.copy_start.record(self.stream)
         self._issue(window)
 
-    @property
-    def bytes_copied(self) -> int:
-        return sum(s.host.numel() * s.host.element_size() for s in self.copies)
-
     def _issue(self, upto: int) -> None:
         upto = min(upto, self.num_layers)
         if self.issued >= upto or not self.copies:
