@@ -31,6 +31,7 @@ from blend.attention import BlendOps, get_ops
 from blend.config import BlendConfig, num_recompute
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
+from blend.triton_kernels._paged import to_device
 
 
 @dataclass
@@ -138,6 +139,18 @@ class Blender:
         n_forced = [int(f.sum()) for f in forced_host]
         n_cached = [n - f for n, f in zip(lens, n_forced)]
         forced = _h2d(torch.cat(forced_host), dev)
+        # Every layer's sizes are known here, from host metadata alone.
+        takes, phase_cu = {}, [cu]
+        for layer in sorted(checks):
+            c = phase_cu[-1]
+            takes[layer] = [nf + num_recompute(checks[layer], nc)
+                            for nf, nc in zip(n_forced, n_cached)]
+            phase_cu.append(_cumsum([min(t, c[b + 1] - c[b])
+                                     for b, t in enumerate(takes[layer])]))
+        final = phase_cu[-1]
+        out_rows = [i for b, o in enumerate(outs) for i in range(final[b + 1] - o, final[b + 1])]
+        if torch.device(dev).type == "cuda":
+            _preload(dev, phase_cu, takes, seq_lens, out_rows, _cumsum(outs))
 
         h = a.embed(ids)
         act_pos, act_slots, act_forced, act_cu = pos, slots, forced, cu
@@ -145,20 +158,21 @@ class Blender:
         last = a.num_layers - 1
         logits = None
         hooked = -1
+        phase = 0
         for layer in range(a.num_layers):
             if layer_hook is not None:
                 layer_hook(layer)
                 hooked = layer
             k_cache, v_cache = kv.layer(layer)
-            q, k, v = a.qkv(layer, h, act_pos)
+            q, k, v, h = a.qkv(layer, h, act_pos)
             if layer in checks:
                 d = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, act_slots,
                                                   cfg.deviation))
-                take = [nf + num_recompute(checks[layer], nc) for nf, nc in zip(n_forced, n_cached)]
-                keep = ops.select(d, act_forced, act_cu, take)
+                keep = ops.select(d, act_forced, act_cu, takes[layer])
                 if trace is not None:
                     trace.deviation[layer] = (act_pos.cpu(), d.float().cpu())
-                act_cu = _cumsum([min(t, act_cu[b + 1] - act_cu[b]) for b, t in enumerate(take)])
+                phase += 1
+                act_cu = phase_cu[phase]
                 h, q, k, v = h[keep], q[keep], k[keep], v[keep]
                 act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
                 q_pos = act_pos.to(torch.int32)
@@ -170,8 +184,7 @@ class Blender:
                 # which are forced and so are the last `outs[b]` active tokens of each sequence.
                 if not any(outs):
                     break
-                rows = _h2d(torch.tensor([i for b, o in enumerate(outs)
-                                          for i in range(act_cu[b + 1] - o, act_cu[b + 1])]), dev)
+                rows = to_device(out_rows, torch.device(dev))
                 h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
             else:
                 q_cu = act_cu
@@ -202,6 +215,26 @@ def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, r in enumerate(rows):
         table[i, : r.numel()] = r.cpu().to(torch.int32)
     return table
+
+
+def _preload(dev, phase_cu, takes, seq_lens, out_rows, out_cu) -> None:
+    """Upload every small host tensor the run's layers will copy, before the first layer hook.
+
+    The hook queues the chunk KV copies (gigabytes) on the host-to-device
+    engine; a metadata copy issued after them would wait behind them, and its
+    layer with it. `to_device` caches by value, so the layers' own calls find
+    these tensors already on the device.
+    """
+    from blend.triton_kernels.deviation import preload_select
+
+    device = torch.device(dev)
+    for c in (*phase_cu, out_cu):
+        to_device(c, device)
+    to_device(seq_lens, device)
+    for layer, c in zip(sorted(takes), phase_cu):
+        preload_select(c, takes[layer], device)
+    if out_rows:
+        to_device(out_rows, device)
 
 
 def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:

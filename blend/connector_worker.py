@@ -178,10 +178,11 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
-        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, store %s, "
-                 "GPU tier %.1f GiB", type(adapter.model).__name__, adapter.num_layers,
-                 self.block_size, backend, self.blender.ops.name, type(self.store).__name__,
-                 gpu_bytes / (1 << 30))
+        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
+                 "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
+                 adapter.num_layers, self.block_size, backend, self.blender.ops.name,
+                 "vllm-cuda" if getattr(adapter, "fast", False) else "modules",
+                 type(self.store).__name__, gpu_bytes / (1 << 30))
 
     def _backend_name(self, layer_name: str) -> str:
         layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
