@@ -87,7 +87,8 @@ class WorkerStats:
     chunk_hit_tokens: int = 0
     blended_tokens: int = 0
     recomputed_tokens: int = 0
-    bytes_loaded: int = 0  # host -> device bytes for chunk KV
+    bytes_fetched: int = 0  # chunk KV bytes served by the GPU tier or the store
+    bytes_loaded: int = 0  # of those, host -> device bytes
     gpu_hits: int = 0  # chunks served by the GPU tier (no copy)
     pinned_on_load: int = 0  # chunks a backend returned pageable, pinned on the way (slow)
     load_ms: float = 0.0
@@ -223,8 +224,10 @@ class BlendWorker:
             src, pinned = source_for(key, t, torch.device(a.device), self.gpu_tier, in_tier)
             self.stats.gpu_hits += int(in_tier)
             self.stats.pinned_on_load += int(pinned)
+            nbytes = t.numel() * t.element_size()
+            self.stats.bytes_fetched += nbytes
             if src.host is not None:
-                self.stats.bytes_loaded += t.numel() * t.element_size()
+                self.stats.bytes_loaded += nbytes
         self.stats.load_ms += (time.perf_counter() - t0) * 1e3
         return src
 
