@@ -203,7 +203,7 @@ def source_for(key: str, t: torch.Tensor, device: torch.device, tier: DeviceTier
     A pageable host tensor (a backend without a pinned tier) is pinned here, once,
     so no pageable copy ever reaches the device stream.
     """
-    if from_tier or t.device == device:
+    if from_tier or (t.device.type == device.type and device.index in (None, t.device.index)):
         return ChunkSource(key, None, t), False
     if device.type != "cuda":
         return ChunkSource(key, None, t.to(device)), False

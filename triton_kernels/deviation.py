@@ -180,7 +180,7 @@ def _hkvd_score_kernel(SCORE, DEV, FORCED, META, nreq, width, BLOCK: tl.constexp
     x = tl.where(x == float("inf"), fmax, x)  # nan_to_num: +inf -> max, -inf -> min, nan -> -inf
     x = tl.where(x == float("-inf"), -fmax, x)
     x = tl.where(x != x, float("-inf"), x)
-    x = tl.where(f, fmax, x)  # forced: +inf in the reference, then max by nan_to_num
+    x = tl.where(f, float("inf"), x)  # forced: above every deviation, +inf ones included
     x = tl.where(ok, x, float("-inf"))
     tl.store(SCORE + b.to(tl.int64) * width + c, x, mask=c < width)
 
@@ -223,8 +223,9 @@ def _hkvd_select_torch(
     owner = torch.repeat_interleave(torch.arange(nreq, device=device), lens_t,
                                     output_size=total)
     col = torch.arange(total, device=device) - starts[owner]
-    ranked = torch.where(forced, torch.full_like(dev, float("inf")), dev.float())
-    ranked = torch.nan_to_num(ranked, nan=float("-inf"), neginf=torch.finfo(torch.float32).min)
+    ranked = torch.nan_to_num(dev.float(), nan=float("-inf"),
+                              neginf=torch.finfo(torch.float32).min)  # +inf -> max finite
+    ranked = torch.where(forced, torch.full_like(ranked, float("inf")), ranked)
     score[owner, col] = ranked
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     n_take = sum(take)
