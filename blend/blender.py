@@ -31,6 +31,7 @@ from blend.attention import BlendOps, get_ops
 from blend.config import BlendConfig, num_recompute
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
+from blend.selection import combine, per_token, query_mass
 
 
 @dataclass
@@ -55,6 +56,9 @@ class BlendTrace:
     deviation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     selected: list[torch.Tensor] = field(default_factory=list)  # per sequence, positions
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Context-token layer passes (attention + MLP), question rows excluded: `compute` share
+    # = token_layers / (context tokens x layers). Probe passes count too.
+    token_layers: int = 0
 
     def deviation_dense(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Deviation at `layer` for positions `start..end-1` (NaN where not measured)."""
@@ -128,6 +132,7 @@ class Blender:
                                      kv.block_size) for b, s in enumerate(seqs)])
         seq_lens = [s.end for s in seqs]
         outs = [min(s.num_outputs, n) for s, n in zip(seqs, lens)]
+        qrows = outs  # the question: the forced tokens at the end that query selection reads
 
         checks = dict(zip(cfg.check_layers, cfg.ratios())) if blend else {}
         forced_host = []
@@ -139,21 +144,43 @@ class Blender:
         n_cached = [n - f for n, f in zip(lens, n_forced)]
         forced = _h2d(torch.cat(forced_host), dev)
 
+        hooked = [-1]
+
+        def hook(upto: int) -> None:  # each layer's hook runs once, in order, whoever asks first
+            if layer_hook is not None:
+                for j in range(hooked[0] + 1, upto + 1):
+                    layer_hook(j)
+            hooked[0] = max(hooked[0], upto)
+
+        act_cu = cu
+        if blend and cfg.selection == "cheap" and any(qrows):
+            # No full-token check layer: the question alone runs over the cached KV up to the
+            # last check layer, and its attention there picks the tokens recomputed from layer 0.
+            rows = _h2d(torch.tensor([i for b, n in enumerate(qrows)
+                                      for i in range(cu[b + 1] - n, cu[b + 1])]), dev)
+            mass = self._probe(ids[rows], pos[rows], slots[rows], _cumsum(qrows), block_table,
+                               seq_lens, kv, hook, trace)
+            take = [nf + num_recompute(cfg.recomp_ratio, nc) for nf, nc in zip(n_forced, n_cached)]
+            score = per_token(mass, pos, cu)
+            keep = ops.select(score, forced, cu, take)
+            if trace is not None:
+                trace.deviation[max(cfg.check_layers)] = (pos.cpu(), score.float().cpu())
+            act_cu = _cumsum([min(t, n) for t, n in zip(take, lens)])
+            ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
+            checks = {}
         h = a.embed(ids)
-        act_pos, act_slots, act_forced, act_cu = pos, slots, forced, cu
+        act_pos, act_slots, act_forced = pos, slots, forced
         q_pos = act_pos.to(torch.int32)
         last = a.num_layers - 1
         logits = None
-        hooked = -1
         for layer in range(a.num_layers):
-            if layer_hook is not None:
-                layer_hook(layer)
-                hooked = layer
+            hook(layer)
             k_cache, v_cache = kv.layer(layer)
             q, k, v = a.qkv(layer, h, act_pos)
+            fused = False
             if layer in checks:
-                d = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, act_slots,
-                                                  cfg.deviation))
+                d, fused = self._check_scores(q, k, v, k_cache, v_cache, act_slots, q_pos, act_cu,
+                                              act_forced, qrows, block_table, seq_lens)
                 take = [nf + num_recompute(checks[layer], nc) for nf, nc in zip(n_forced, n_cached)]
                 keep = ops.select(d, act_forced, act_cu, take)
                 if trace is not None:
@@ -164,7 +191,8 @@ class Blender:
                 q_pos = act_pos.to(torch.int32)
                 if act_cu[-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
-            ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
+            if not fused:
+                ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
             if layer == last:
                 # The last layer's output feeds only the logits: run it for the output tokens,
                 # which are forced and so are the last `outs[b]` active tokens of each sequence.
@@ -175,18 +203,68 @@ class Blender:
                 h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
             else:
                 q_cu = act_cu
+            if trace is not None:  # the last layer computes only K/V for context tokens: count it
+                trace.token_layers += act_cu[-1] - sum(qrows)
             o = ops.attention(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens, a.scale)
             h = a.finish_layer(layer, h, o)
             if layer == last:
                 logits = a.logits(h)
-        if layer_hook is not None:  # an early stop still owes the later layers their load
-            for layer in range(hooked + 1, a.num_layers):
-                layer_hook(layer)
+        hook(a.num_layers - 1)  # an early stop still owes the later layers their load
         selected = [act_pos[act_cu[b]:act_cu[b + 1]] for b in range(len(seqs))]
         if trace is not None:
             trace.selected = [s.cpu() for s in selected]
             trace.timings_ms["blend" if blend else "prefill"] = (time.perf_counter() - t0) * 1e3
         return RunOutput(selected=selected, logits=logits)
+
+    def _probe(self, ids, pos, slots, cu, block_table, seq_lens, kv, hook, trace):
+        """The question alone over the cache up to the last check layer: per sequence, its
+        attention mass on every key position, summed over the check layers.
+
+        Its own K/V writes are provisional: the pass that follows (or vLLM, for the
+        question) recomputes the question and overwrites them.
+        """
+        a, ops = self.adapter, self.ops
+        q_pos = pos.to(torch.int32)
+        h = a.embed(ids)
+        total = None
+        for layer in range(max(self.config.check_layers) + 1):
+            hook(layer)
+            k_cache, v_cache = kv.layer(layer)
+            q, k, v = a.qkv(layer, h, pos)
+            ops.fuse_kv(k_cache, v_cache, slots, k, v)
+            if layer in self.config.check_layers:
+                mass = query_mass(q, q_pos, cu, k_cache, block_table, seq_lens, a.scale)
+                total = mass if total is None else [t + m for t, m in zip(total, mass)]
+            if layer == max(self.config.check_layers):
+                break
+            h = a.finish_layer(layer, h, ops.attention(q, k_cache, v_cache, q_pos, cu,
+                                                       block_table, seq_lens, a.scale))
+        if trace is not None:  # question rows run twice: the probe is extra work
+            trace.token_layers += (max(self.config.check_layers) + 1) * cu[-1]
+        return [a.reduce_scores(t) for t in total]
+
+    def _check_scores(self, q, k, v, k_cache, v_cache, slots, q_pos, cu, forced, qrows,
+                      block_table, seq_lens) -> tuple[torch.Tensor, bool]:
+        """Ranking score `[N]` of the active tokens at a check layer, and whether their fresh
+        K/V are already in the cache (query scoring fuses them first, to read exact keys)."""
+        a, ops, cfg = self.adapter, self.ops, self.config
+        policy = cfg.selection
+        dev = None
+        if policy != "query" or not any(qrows):
+            dev = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, slots, cfg.deviation))
+        if policy not in ("query", "hybrid") or not any(qrows):
+            return dev, False  # no question in the pass (or cheap mode without one): deviation
+        # Every active token's fresh K/V is already computed here, and better than its cached
+        # K/V (exact at the first check layer): write them all, not only the kept ones, so
+        # the question reads the keys the kept tokens will see.
+        ops.fuse_kv(k_cache, v_cache, slots, k, v)
+        rows = _h2d(torch.tensor([i for b, n in enumerate(qrows)
+                                  for i in range(cu[b + 1] - n, cu[b + 1])], dtype=torch.long),
+                    q.device)
+        mass = query_mass(q[rows], q_pos[rows], _cumsum(qrows), k_cache, block_table, seq_lens,
+                          a.scale)
+        mass = a.reduce_scores(per_token(mass, q_pos.long(), cu))
+        return combine(policy, dev, mass, ~forced, cu, cfg.query_weight), True
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:
