@@ -43,6 +43,10 @@ class BlendSeq:
     block_table: torch.Tensor  # int32 row (host) covering positions 0..end-1
     forced: torch.Tensor | None = None  # [n] bool (CPU): always recompute; None = nothing forced
     num_outputs: int = 0  # the last k tokens (e.g. the question) are forced and get logits
+    # Or: the last k tokens are the question as probes for query selection (the vLLM
+    # connector, where vLLM computes the question itself): forced up to the last check
+    # layer, then dropped; no logits. Their K/V writes there are provisional.
+    num_probes: int = 0
 
     @property
     def end(self) -> int:
@@ -132,13 +136,15 @@ class Blender:
                                      kv.block_size) for b, s in enumerate(seqs)])
         seq_lens = [s.end for s in seqs]
         outs = [min(s.num_outputs, n) for s, n in zip(seqs, lens)]
-        qrows = outs  # the question: the forced tokens at the end that query selection reads
+        probes = [min(s.num_probes, n - o) if blend else 0 for s, n, o in zip(seqs, lens, outs)]
+        # The question: the forced rows at the end that query selection reads.
+        qrows = [o + p for o, p in zip(outs, probes)]
 
         checks = dict(zip(cfg.check_layers, cfg.ratios())) if blend else {}
         forced_host = []
-        for s, n, o in zip(seqs, lens, outs):
+        for s, n, q in zip(seqs, lens, qrows):
             f = s.forced.clone() if (blend and s.forced is not None) else torch.zeros(n, dtype=torch.bool)
-            f[n - o:] = True
+            f[n - q:] = True
             forced_host.append(f)
         n_forced = [int(f.sum()) for f in forced_host]
         n_cached = [n - f for n, f in zip(lens, n_forced)]
@@ -168,6 +174,10 @@ class Blender:
             act_cu = _cumsum([min(t, n) for t, n in zip(take, lens)])
             ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
             checks = {}
+            if any(probes):  # the probe pass was their only use
+                (ids, pos, slots, forced), act_cu = _drop_tail((ids, pos, slots, forced), act_cu,
+                                                               probes, dev)
+                qrows = outs
         h = a.embed(ids)
         act_pos, act_slots, act_forced = pos, slots, forced
         q_pos = act_pos.to(torch.int32)
@@ -188,6 +198,10 @@ class Blender:
                 act_cu = _cumsum([min(t, act_cu[b + 1] - act_cu[b]) for b, t in enumerate(take)])
                 h, q, k, v = h[keep], q[keep], k[keep], v[keep]
                 act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
+                if layer == max(checks) and any(probes):  # probes: no use past the last check
+                    (h, q, k, v, act_pos, act_slots, act_forced), act_cu = _drop_tail(
+                        (h, q, k, v, act_pos, act_slots, act_forced), act_cu, probes, dev)
+                    qrows = outs
                 q_pos = act_pos.to(torch.int32)
                 if act_cu[-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
@@ -265,6 +279,15 @@ class Blender:
                           a.scale)
         mass = a.reduce_scores(per_token(mass, q_pos.long(), cu))
         return combine(policy, dev, mass, ~forced, cu, cfg.query_weight), True
+
+
+def _drop_tail(tensors: tuple[torch.Tensor, ...], cu: list[int], tail: Sequence[int],
+               device) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+    """Drop the last `tail[b]` active rows of each sequence (host index, no sync)."""
+    rows = _h2d(torch.tensor([i for b, t in enumerate(tail) for i in range(cu[b], cu[b + 1] - t)],
+                             dtype=torch.long), device)
+    return tuple(t[rows] for t in tensors), _cumsum([cu[b + 1] - cu[b] - t
+                                                     for b, t in enumerate(tail)])
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:

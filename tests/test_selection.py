@@ -160,3 +160,27 @@ def test_bad_selection_config(meta, needle):
     with pytest.raises(BlendConfigError) as err:
         BlendConfig.from_dict(meta)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("policy", ["deviation", "query", "hybrid", "cheap"])
+def test_question_as_probes_then_prefilled_equals_question_in_the_pass(hb, chunks, policy):
+    """The vLLM flow: the question probes the blend (no logits), then is prefilled over the
+    fused cache. Same selection and same logits as when it rides in the pass as outputs, so
+    the probes' provisional K/V writes leave nothing wrong behind."""
+    blender = hb.blender.with_config(BlendConfig.from_dict(POLICIES[policy]))
+    kv = PagedKV.like(hb.adapter, 2048)
+    seq, pl = _seq(hb, kv, chunks, QUESTION)
+    ref = blender.run([seq], kv, blend=True, layer_hook=layer_loader(blender, kv, pl))
+    kv = PagedKV.like(hb.adapter, 2048)
+    seq, pl = _seq(hb, kv, chunks, QUESTION)
+    nq = seq.num_outputs
+    probe = BlendSeq(seq.token_ids, 0, seq.block_table, seq.forced, num_probes=nq)
+    tr = BlendTrace()
+    out = blender.run([probe], kv, blend=True, trace=tr, layer_hook=layer_loader(blender, kv, pl))
+    assert out.logits is None
+    ctx = seq.end - nq
+    assert out.selected[0].tolist() == ref.selected[0][ref.selected[0] < ctx].tolist()
+    assert int(out.selected[0].max()) < ctx  # probes are not reported as recomputed
+    after = blender.run([BlendSeq(seq.token_ids[ctx:], ctx, seq.block_table, num_outputs=nq)],
+                        kv, blend=False)
+    torch.testing.assert_close(after.logits, ref.logits, rtol=1e-4, atol=1e-4)
