@@ -244,7 +244,8 @@ class Blender:
         for layer in range(max(self.config.check_layers) + 1):
             hook(layer)
             k_cache, v_cache = kv.layer(layer)
-            q, k, v = a.qkv(layer, h, pos)
+            q, k, v, *resid = a.qkv(layer, h, pos)
+            h = resid[0] if resid else h  # adapters that hand back the stream finish_layer takes
             ops.fuse_kv(k_cache, v_cache, slots, k, v)
             if layer in self.config.check_layers:
                 mass = query_mass(q, q_pos, cu, k_cache, block_table, seq_lens, a.scale)
