@@ -274,9 +274,23 @@ def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24,
     return summarize_squad(scores)
 
 
+def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the mean, in percent."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
+    return [round(100 * means[int(0.025 * reps)], 2), round(100 * means[int(0.975 * reps) - 1], 2)]
+
+
 def summarize_squad(scores: dict[str, dict[str, list[float]]]) -> dict:
     out: dict = {k: {m: round(100 * sum(v) / len(v), 2) for m, v in s.items()}
                  for k, s in scores.items()}
+    for k, s in scores.items():
+        for m, v in s.items():
+            out[k][f"{m}_ci95"] = bootstrap_ci(v)
+        if k != "full" and "full" in scores:  # paired: same questions, so the gap is tighter
+            gap = [a - b for a, b in zip(s["f1"], scores["full"]["f1"])]
+            out[k]["f1_minus_full_ci95"] = bootstrap_ci(gap)
     out["_questions"] = len(next(iter(scores.values()))["em"]) if scores else 0
     out["_raw"] = scores
     return out
@@ -331,6 +345,14 @@ def print_prose(r: dict) -> None:
                   f"{v.get('gen_exact', nan):>10.2f}{v.get('gen_prefix', nan):>11.1f}")
 
 
+def print_squad(r: dict) -> None:
+    print(f"{'setting':<44}{'EM':>8}{'F1':>8}  {'F1 95% CI':<16}{'F1 - full, 95% CI'}")
+    for k, v in r.items():
+        if not k.startswith("_"):
+            print(f"{k:<44}{v['em']:>8.2f}{v['f1']:>8.2f}  {str(v.get('f1_ci95')):<16}"
+                  f"{v.get('f1_minus_full_ci95', '')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["prose", "squad"])
@@ -358,10 +380,13 @@ def main() -> None:
             r = summarize(merge_raw(prose, "SmolLM2-135M-Instruct", "pydoc_prose"), 32)
             results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
             print_prose(r)
-        if squad:
-            raw = merge_raw(squad, "Qwen2.5-Coder-0.5B-Instruct", "squad_multidoc")
-            results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = \
-                summarize_squad(raw)
+        for key in ("squad_multidoc", "squad_multidoc_selection"):
+            files = [p for p in squad if key in json.loads(Path(p).read_text()).get(
+                "Qwen2.5-Coder-0.5B-Instruct", {})]
+            if files:
+                raw = merge_raw(files, "Qwen2.5-Coder-0.5B-Instruct", key)
+                results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})[key] = summarize_squad(raw)
+                print_squad(results["Qwen2.5-Coder-0.5B-Instruct"][key])
     shard = tuple(int(x) for x in args.shard.split("/"))
     if args.only in (None, "prose"):
         hb = load("SmolLM2-135M-Instruct")
@@ -376,10 +401,7 @@ def main() -> None:
         r = run_squad(hb, args.n or 40, base, shard=shard, selection=args.selection)
         key = "squad_multidoc" + ("_selection" if args.selection else "")
         results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})[key] = r
-        print(f"{'setting':<44}{'EM':>8}{'F1':>8}")
-        for k, v in r.items():
-            if not k.startswith("_"):
-                print(f"{k:<44}{v['em']:>8.2f}{v['f1']:>8.2f}")
+        print_squad(r)
     # Re-read before writing: a prose run and a squad run may share one file.
     latest = json.loads(out_path.read_text()) if out_path.exists() else {}
     for model, sets in results.items():
