@@ -45,7 +45,7 @@ class BlendConfig:
     sink_tokens: int = 0
     attention_backend: str = "auto"
     selection: str = "deviation"
-    query_weight: float = 1.0
+    query_weight: float = 0.5
 
     def __post_init__(self) -> None:
         _ratio("recomp_ratio", self.recomp_ratio)

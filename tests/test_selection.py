@@ -184,3 +184,19 @@ def test_question_as_probes_then_prefilled_equals_question_in_the_pass(hb, chunk
     after = blender.run([BlendSeq(seq.token_ids[ctx:], ctx, seq.block_table, num_outputs=nq)],
                         kv, blend=False)
     torch.testing.assert_close(after.logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["query", "hybrid", "cheap"])
+def test_without_a_question_every_policy_is_deviation(hb, chunks, policy):
+    meta = {**POLICIES[policy], "recomp_ratio": 0.15}
+    meta.pop("recomp_ratios", None)
+    meta["check_layers"] = [1]
+    runs = {}
+    for name, cfg in (("dev", {**meta, "selection": "deviation"}), (policy, meta)):
+        blender = hb.blender.with_config(BlendConfig.from_dict(cfg))
+        kv = PagedKV.like(hb.adapter, 2048)
+        seq, pl = _seq(hb, kv, chunks, QUESTION)
+        ctx = seq.end - seq.num_outputs
+        seq = BlendSeq(seq.token_ids[:ctx], 0, seq.block_table, seq.forced[:ctx])
+        runs[name] = blender.run([seq], kv, blend=True, layer_hook=layer_loader(blender, kv, pl))
+    assert runs["dev"].selected[0].tolist() == runs[policy].selected[0].tolist()
