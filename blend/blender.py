@@ -8,7 +8,9 @@ that already holds each chunk's re-rotated standalone KV:
   KV is context-free, so it equals the cached KV after the RoPE fix);
 * a check layer: fresh K/V of the still-active tokens are compared with the
   cached K/V; forced tokens plus the top-`ratio` deviating ones stay active
-  (several check layers filter gradually);
+  (several check layers filter gradually). The `selection` policy can rank by
+  the question's attention instead, or both (`blend/selection.py`), and the
+  `cheap` policy replaces the check layer by a question-only probe pass;
 * every layer: the active tokens' fresh K/V overwrite the cached K/V, then
   their attention runs over the fused cache with an exact causal mask by
   position.
