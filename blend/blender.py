@@ -34,6 +34,7 @@ from blend.config import BlendConfig, num_recompute
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
 from blend.selection import combine, per_token, query_mass
+from blend.triton_kernels._paged import to_device
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Blender:
         """
         a, ops, cfg = self.adapter, self.ops, self.config
         dev = a.device
+        device = torch.device(dev)
         t0 = time.perf_counter()
         lens = [int(s.token_ids.numel()) for s in seqs]
         cu = _cumsum(lens)
@@ -151,6 +153,44 @@ class Blender:
         n_forced = [int(f.sum()) for f in forced_host]
         n_cached = [n - f for n, f in zip(lens, n_forced)]
         forced = _h2d(torch.cat(forced_host), dev)
+        # No full-token check layer in the cheap mode: a probe pass of the question picks
+        # the recomputed set before layer 0 (below), and nothing is filtered after.
+        cheap = blend and cfg.selection == "cheap" and any(qrows)
+        cheap_take = [nf + num_recompute(cfg.recomp_ratio, nc) for nf, nc in zip(n_forced, n_cached)]
+        if cheap:
+            checks = {}
+        # Every layer's sizes are known here, from host metadata alone.
+        start_cu = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)]) if cheap else cu
+        if cheap and any(probes):
+            start_cu = _cumsum(_tail_dropped(start_cu, probes))
+        takes, phase_cu = {}, [start_cu]
+        rows_ahead: list[list[int]] = []  # the query rows and probe drops the layers will index
+        if cheap:
+            rows_ahead.append(_tail_rows(cu, qrows))
+            if any(probes):
+                rows_ahead.append(_kept_rows(_cumsum([min(t, n) for t, n in zip(cheap_take, lens)]),
+                                             probes))
+        for layer in sorted(checks):
+            c = phase_cu[-1]
+            if cfg.selection in ("query", "hybrid") and any(qrows):
+                rows_ahead.append(_tail_rows(c, qrows))
+            takes[layer] = [nf + num_recompute(checks[layer], nc)
+                            for nf, nc in zip(n_forced, n_cached)]
+            c = _cumsum([min(t, c[b + 1] - c[b]) for b, t in enumerate(takes[layer])])
+            if layer == max(checks) and any(probes):  # probes: no use past the last check
+                rows_ahead.append(_kept_rows(c, probes))
+                c = _cumsum(_tail_dropped(c, probes))
+            phase_cu.append(c)
+        final = phase_cu[-1]
+        out_rows = [i for b, o in enumerate(outs) for i in range(final[b + 1] - o, final[b + 1])]
+        if device.type == "cuda":
+            _preload(dev, phase_cu, takes, seq_lens, out_rows, _cumsum(outs))
+            if cheap:
+                from blend.triton_kernels.deviation import preload_select
+
+                preload_select(cu, cheap_take, device)
+            for r in rows_ahead:
+                to_device(r, device)
 
         hooked = [-1]
 
@@ -160,50 +200,49 @@ class Blender:
                     layer_hook(j)
             hooked[0] = max(hooked[0], upto)
 
-        act_cu = cu
-        if blend and cfg.selection == "cheap" and any(qrows):
-            # No full-token check layer: the question alone runs over the cached KV up to the
-            # last check layer, and its attention there picks the tokens recomputed from layer 0.
-            rows = _h2d(torch.tensor([i for b, n in enumerate(qrows)
-                                      for i in range(cu[b + 1] - n, cu[b + 1])]), dev)
+        if cheap:
+            # The question alone runs over the cached KV up to the last check layer, and its
+            # attention there picks the tokens recomputed from layer 0.
+            rows = to_device(_tail_rows(cu, qrows), device)
             mass = self._probe(ids[rows], pos[rows], slots[rows], _cumsum(qrows), block_table,
                                seq_lens, kv, hook, trace)
-            take = [nf + num_recompute(cfg.recomp_ratio, nc) for nf, nc in zip(n_forced, n_cached)]
             score = per_token(mass, pos, cu)
-            keep = ops.select(score, forced, cu, take)
+            keep = ops.select(score, forced, cu, cheap_take)
             if trace is not None:
                 trace.deviation[max(cfg.check_layers)] = (pos.cpu(), score.float().cpu())
-            act_cu = _cumsum([min(t, n) for t, n in zip(take, lens)])
             ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
-            checks = {}
             if any(probes):  # the probe pass was their only use
-                (ids, pos, slots, forced), act_cu = _drop_tail((ids, pos, slots, forced), act_cu,
-                                                               probes, dev)
+                c = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)])
+                rows = to_device(_kept_rows(c, probes), device)
+                ids, pos, slots, forced = ids[rows], pos[rows], slots[rows], forced[rows]
                 qrows = outs
         h = a.embed(ids)
-        act_pos, act_slots, act_forced = pos, slots, forced
+        act_pos, act_slots, act_forced, act_cu = pos, slots, forced, start_cu
         q_pos = act_pos.to(torch.int32)
         last = a.num_layers - 1
         logits = None
+        phase = 0
         for layer in range(a.num_layers):
             hook(layer)
             k_cache, v_cache = kv.layer(layer)
-            q, k, v = a.qkv(layer, h, act_pos)
+            q, k, v, h = a.qkv(layer, h, act_pos)
             fused = False
             if layer in checks:
                 d, fused = self._check_scores(q, k, v, k_cache, v_cache, act_slots, q_pos, act_cu,
                                               act_forced, qrows, block_table, seq_lens)
-                take = [nf + num_recompute(checks[layer], nc) for nf, nc in zip(n_forced, n_cached)]
-                keep = ops.select(d, act_forced, act_cu, take)
+                keep = ops.select(d, act_forced, act_cu, takes[layer])
                 if trace is not None:
                     trace.deviation[layer] = (act_pos.cpu(), d.float().cpu())
-                act_cu = _cumsum([min(t, act_cu[b + 1] - act_cu[b]) for b, t in enumerate(take)])
+                phase += 1
+                act_cu = phase_cu[phase]
+                if layer == max(checks) and any(probes):  # drop the probes: keep the rest
+                    c = _cumsum([min(t, n) for t, n in zip(
+                        takes[layer], [phase_cu[phase - 1][b + 1] - phase_cu[phase - 1][b]
+                                       for b in range(len(seqs))])])
+                    keep = keep[to_device(_kept_rows(c, probes), device)]
+                    qrows = outs
                 h, q, k, v = h[keep], q[keep], k[keep], v[keep]
                 act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
-                if layer == max(checks) and any(probes):  # probes: no use past the last check
-                    (h, q, k, v, act_pos, act_slots, act_forced), act_cu = _drop_tail(
-                        (h, q, k, v, act_pos, act_slots, act_forced), act_cu, probes, dev)
-                    qrows = outs
                 q_pos = act_pos.to(torch.int32)
                 if act_cu[-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
@@ -214,8 +253,7 @@ class Blender:
                 # which are forced and so are the last `outs[b]` active tokens of each sequence.
                 if not any(outs):
                     break
-                rows = _h2d(torch.tensor([i for b, o in enumerate(outs)
-                                          for i in range(act_cu[b + 1] - o, act_cu[b + 1])]), dev)
+                rows = to_device(out_rows, device)
                 h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
             else:
                 q_cu = act_cu
@@ -246,8 +284,7 @@ class Blender:
         for layer in range(max(self.config.check_layers) + 1):
             hook(layer)
             k_cache, v_cache = kv.layer(layer)
-            q, k, v, *resid = a.qkv(layer, h, pos)
-            h = resid[0] if resid else h  # adapters that hand back the stream finish_layer takes
+            q, k, v, h = a.qkv(layer, h, pos)
             ops.fuse_kv(k_cache, v_cache, slots, k, v)
             if layer in self.config.check_layers:
                 mass = query_mass(q, q_pos, cu, k_cache, block_table, seq_lens, a.scale)
@@ -275,22 +312,25 @@ class Blender:
         # K/V (exact at the first check layer): write them all, not only the kept ones, so
         # the question reads the keys the kept tokens will see.
         ops.fuse_kv(k_cache, v_cache, slots, k, v)
-        rows = _h2d(torch.tensor([i for b, n in enumerate(qrows)
-                                  for i in range(cu[b + 1] - n, cu[b + 1])], dtype=torch.long),
-                    q.device)
+        rows = to_device(_tail_rows(cu, qrows), q.device)
         mass = query_mass(q[rows], q_pos[rows], _cumsum(qrows), k_cache, block_table, seq_lens,
                           a.scale)
         mass = a.reduce_scores(per_token(mass, q_pos.long(), cu))
         return combine(policy, dev, mass, ~forced, cu, cfg.query_weight), True
 
 
-def _drop_tail(tensors: tuple[torch.Tensor, ...], cu: list[int], tail: Sequence[int],
-               device) -> tuple[tuple[torch.Tensor, ...], list[int]]:
-    """Drop the last `tail[b]` active rows of each sequence (host index, no sync)."""
-    rows = _h2d(torch.tensor([i for b, t in enumerate(tail) for i in range(cu[b], cu[b + 1] - t)],
-                             dtype=torch.long), device)
-    return tuple(t[rows] for t in tensors), _cumsum([cu[b + 1] - cu[b] - t
-                                                     for b, t in enumerate(tail)])
+def _tail_rows(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
+    """Row indexes of the last `tail[b]` rows of each sequence (the question)."""
+    return [i for b, t in enumerate(tail) for i in range(cu[b + 1] - t, cu[b + 1])]
+
+
+def _kept_rows(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
+    """Row indexes of each sequence without its last `tail[b]` rows (probes dropped)."""
+    return [i for b, t in enumerate(tail) for i in range(cu[b], cu[b + 1] - t)]
+
+
+def _tail_dropped(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
+    return [cu[b + 1] - cu[b] - t for b, t in enumerate(tail)]
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:
@@ -306,6 +346,26 @@ def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, r in enumerate(rows):
         table[i, : r.numel()] = r.cpu().to(torch.int32)
     return table
+
+
+def _preload(dev, phase_cu, takes, seq_lens, out_rows, out_cu) -> None:
+    """Upload every small host tensor the run's layers will copy, before the first layer hook.
+
+    The hook queues the chunk KV copies (gigabytes) on the host-to-device
+    engine; a metadata copy issued after them would wait behind them, and its
+    layer with it. `to_device` caches by value, so the layers' own calls find
+    these tensors already on the device.
+    """
+    from blend.triton_kernels.deviation import preload_select
+
+    device = torch.device(dev)
+    for c in (*phase_cu, out_cu):
+        to_device(c, device)
+    to_device(seq_lens, device)
+    for layer, c in zip(sorted(takes), phase_cu):
+        preload_select(c, takes[layer], device)
+    if out_rows:
+        to_device(out_rows, device)
 
 
 def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:

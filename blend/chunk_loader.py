@@ -6,13 +6,17 @@ The load sits on TTFT's critical path, so it is designed rather than left to
 * tiers: a byte-bounded GPU tier (`DeviceTier`, no copy at all), then the
   store's pinned host tier, then disk or UCM (`ChunkStore.fetch`);
 * each host-resident chunk gets a device buffer; its layer `l` is one async
-  DMA from pinned memory on a side stream, issued at most `window` layers
-  ahead of the blend (queueing all layers at once puts the blend's small
-  metadata copies behind gigabytes of KV on the one copy engine);
-* layer `l`'s fuse and RoPE re-rotation wait on the event of copy `l` only,
-  never on the whole load and never through a host sync;
+  DMA from pinned memory on a side stream. The copies are queued at the first
+  two layer hooks, after the blender has uploaded every small metadata tensor
+  of the run (`Blender.run` preloads them): on the one host-to-device copy
+  engine a small copy queued behind gigabytes of KV would stall its layer;
+* on CUDA with the Triton ops, one `Placement` launch per layer writes every
+  piece, K re-rotated on the way (all layers in one launch when no chunk needs
+  a copy); elsewhere each piece is fused, then its K re-rotated;
+* layer `l`'s placement waits on the event of copy `l` only, never on the
+  whole load and never through a host sync;
 * a host chunk's device buffer is offered to the GPU tier afterwards, so a
-  recurring chunk's next load is a device-to-device fuse.
+  recurring chunk's next load is a device-to-device placement.
 
 On the CPU the fetched tensor is used in place: no copy either.
 """
@@ -24,10 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from blend.log import get_logger
 from blend.store.memory import MemoryTier
 from blend.triton_kernels._paged import to_device
 
 GiB = 1 << 30
+log = get_logger("Connector")
 
 
 class DeviceTier(MemoryTier):
@@ -76,27 +82,35 @@ class Piece:
 
 
 class LayerLoad:
-    """One blend run's chunk KV; `hook(l)` is the blender's `layer_hook`."""
+    """One blend run's chunk KV; `hook(l)` is the blender's `layer_hook`.
 
-    def __init__(self, blender, kv, pieces: Sequence[Piece], window: int = 2) -> None:
+    `window` (layers) bounds how far copies run ahead of the blend; None queues
+    the first two layers at the first hook and every other layer at the second.
+    """
+
+    def __init__(self, blender, kv, pieces: Sequence[Piece], window: int | None = None) -> None:
         self.b, self.kv, self.pieces = blender, kv, list(pieces)
         self.window = window
-        dev = blender.adapter.device
-        self.cuda = torch.device(dev).type == "cuda"
+        dev = torch.device(blender.adapter.device)
+        self.cuda = dev.type == "cuda"
         self.sources = list({id(p.src): p.src for p in self.pieces}.values())
         self.copies = [s for s in self.sources if s.host is not None]
         self.num_layers = blender.adapter.num_layers
         self.events: list[torch.cuda.Event | None] = [None] * self.num_layers
         self.issued = 0
+        self.placed = 0  # layers [0, placed) are written
+        self.placement = None
         self._rot = None
         self.slots: list[torch.Tensor] = []
-        if self.pieces:  # one host-to-device copy for every piece's slots
-            all_slots = to_device(torch.cat([p.slots for p in self.pieces]), torch.device(dev))
+        if self.pieces and blender.ops.name == "triton":
+            self.placement = self._placement()
+        if self.pieces and self.placement is None:  # one host-to-device copy for every piece's slots
+            all_slots = to_device(torch.cat([p.slots for p in self.pieces]), dev)
             self.slots = list(all_slots.split([p.hi - p.lo for p in self.pieces]))
             if any(p.delta for p in self.pieces):
                 delta = torch.cat([torch.full((p.hi - p.lo,), p.delta, dtype=torch.int32)
                                    for p in self.pieces])
-                self._rot = (all_slots, to_device(delta, torch.device(dev), torch.int32),
+                self._rot = (all_slots, to_device(delta, dev, torch.int32),
                              blender.delta_table(max(p.delta for p in self.pieces)))
         self.stream = torch.cuda.Stream(device=dev) if self.cuda and self.copies else None
         self.copy_start = self.copy_end = None
@@ -107,8 +121,20 @@ class LayerLoad:
                 s.dev.record_stream(self.stream)
             self.copy_start = torch.cuda.Event(enable_timing=True)
             self.copy_end = torch.cuda.Event(enable_timing=True)
-            self.copy_start.record(self.stream)
-        self._issue(window)
+
+    def _placement(self):
+        """The one-launch placement, or None where its layout checks fail (then per piece)."""
+        from blend.triton_kernels.placement import Placement, PlacePiece
+
+        b = self.b
+        try:
+            return Placement(
+                [self.kv.layer(layer) for layer in range(self.num_layers)],
+                [PlacePiece(p.src.dev, p.lo, p.hi, p.slots, p.delta) for p in self.pieces],
+                b.delta_table(max(p.delta for p in self.pieces)), b.adapter.rope.is_neox)
+        except ValueError as exc:
+            log.warning("chunk placement per piece: %s", exc)
+            return None
 
     def _issue(self, upto: int) -> None:
         upto = min(upto, self.num_layers)
@@ -116,6 +142,8 @@ class LayerLoad:
             self.issued = max(self.issued, upto)
             return
         with torch.cuda.stream(self.stream):
+            if self.issued == 0:
+                self.copy_start.record(self.stream)
             for layer in range(self.issued, upto):
                 for s in self.copies:
                     s.dev[layer].copy_(s.host[layer], non_blocking=True)
@@ -127,13 +155,22 @@ class LayerLoad:
         self.issued = upto
 
     def hook(self, layer: int) -> None:
-        """Place layer `layer` of every piece: wait for its copy, fuse, re-rotate K."""
-        self._issue(layer + 1 + self.window)
-        if not self.pieces:
+        """Place layer `layer` of every piece: wait for its copy, write it, K re-rotated."""
+        if self.window is not None:
+            self._issue(layer + 1 + self.window)
+        else:
+            self._issue(2 if layer == 0 else self.num_layers)
+        if not self.pieces or layer < self.placed:
             return
         ev = self.events[layer]
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)
+        if self.placement is not None:
+            # Chunks already on the device need no wait: every layer goes in one launch.
+            upto = layer + 1 if self.copies else self.num_layers
+            self.placement.place(range(layer, upto))
+            self.placed = upto
+            return
         ops = self.b.ops
         k_cache, v_cache = self.kv.layer(layer)
         for p, slots in zip(self.pieces, self.slots):
@@ -142,6 +179,7 @@ class LayerLoad:
         if self._rot is not None:
             slots, delta, cos_sin = self._rot
             ops.rerotate_k(k_cache, slots, delta, cos_sin, self.b.adapter.rope.is_neox)
+        self.placed = layer + 1
 
     def finish(self, tier: DeviceTier | None) -> None:
         """After the run: keep host chunks' device copies in the GPU tier where asked."""
@@ -153,7 +191,7 @@ class LayerLoad:
 
     def copy_ms(self) -> float | None:
         """GPU time from the first copy to the last (only after the device reached it)."""
-        if self.copy_start is None:
+        if self.copy_start is None or self.issued == 0:
             return None
         return float(self.copy_start.elapsed_time(self.copy_end))
 
@@ -165,7 +203,7 @@ def source_for(key: str, t: torch.Tensor, device: torch.device, tier: DeviceTier
     A pageable host tensor (a backend without a pinned tier) is pinned here, once,
     so no pageable copy ever reaches the device stream.
     """
-    if from_tier or t.device == device:
+    if from_tier or (t.device.type == device.type and device.index in (None, t.device.index)):
         return ChunkSource(key, None, t), False
     if device.type != "cuda":
         return ChunkSource(key, None, t.to(device)), False

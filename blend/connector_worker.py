@@ -87,7 +87,8 @@ class WorkerStats:
     chunk_hit_tokens: int = 0
     blended_tokens: int = 0
     recomputed_tokens: int = 0
-    bytes_loaded: int = 0  # host -> device bytes for chunk KV
+    bytes_fetched: int = 0  # chunk KV bytes served by the GPU tier or the store
+    bytes_loaded: int = 0  # of those, host -> device bytes
     gpu_hits: int = 0  # chunks served by the GPU tier (no copy)
     pinned_on_load: int = 0  # chunks a backend returned pageable, pinned on the way (slow)
     load_ms: float = 0.0
@@ -178,10 +179,11 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
-        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, store %s, "
-                 "GPU tier %.1f GiB", type(adapter.model).__name__, adapter.num_layers,
-                 self.block_size, backend, self.blender.ops.name, type(self.store).__name__,
-                 gpu_bytes / (1 << 30))
+        log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
+                 "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
+                 adapter.num_layers, self.block_size, backend, self.blender.ops.name,
+                 "vllm-cuda" if getattr(adapter, "fast", False) else "modules",
+                 type(self.store).__name__, gpu_bytes / (1 << 30))
 
     def _backend_name(self, layer_name: str) -> str:
         layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
@@ -222,8 +224,10 @@ class BlendWorker:
             src, pinned = source_for(key, t, torch.device(a.device), self.gpu_tier, in_tier)
             self.stats.gpu_hits += int(in_tier)
             self.stats.pinned_on_load += int(pinned)
+            nbytes = t.numel() * t.element_size()
+            self.stats.bytes_fetched += nbytes
             if src.host is not None:
-                self.stats.bytes_loaded += t.numel() * t.element_size()
+                self.stats.bytes_loaded += nbytes
         self.stats.load_ms += (time.perf_counter() - t0) * 1e3
         return src
 

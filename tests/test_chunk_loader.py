@@ -49,10 +49,10 @@ def _reference(blender, kv, pieces) -> None:
                            blender.adapter.rope.is_neox)
 
 
-def _setup(device: str):
+def _setup(device: str, backend: str | None = None):
     model = tiny_llama(ROPES["llama3"]).to(device)
     blender = Blender(adapter_for(model), BlendConfig(
-        attention_backend="triton" if device == "cuda" else "torch"))
+        attention_backend=backend or ("triton" if device == "cuda" else "torch")))
     g = torch.Generator().manual_seed(3)
     chunks = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (13, 29, 7)]
     kvs = [compute_chunk_kv(blender, c) for c in chunks]
@@ -71,15 +71,22 @@ def _pieces(kvs, row, bs, device, host: bool):
             for i, lo, hi, at in layout]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_layer_load_places_like_the_reference(device):
-    blender, _, kvs = _setup(device)
+@pytest.mark.parametrize("device,backend,host", [
+    ("cpu", "torch", False),
+    ("cpu", "triton", False),  # the one-launch Placement, in Triton's interpreter
+    pytest.param("cuda", "triton", True, marks=pytest.mark.gpu),  # pinned copies, per layer
+    pytest.param("cuda", "triton", False, marks=pytest.mark.gpu),  # on the GPU: one launch
+    pytest.param("cuda", "torch", True, marks=pytest.mark.gpu),  # per piece, after copies
+])
+def test_layer_load_places_like_the_reference(device, backend, host):
+    blender, _, kvs = _setup(device, backend)
     a = blender.adapter
     got, want = PagedKV.like(a, 110, 8), PagedKV.like(a, 110, 8)
     row = got.allocate(110)
     want.allocate(110)
-    pieces = _pieces(kvs, row, 8, device, host=True)
+    pieces = _pieces(kvs, row, 8, device, host=host)
     load = LayerLoad(blender, got, pieces)
+    assert (load.placement is not None) == (backend == "triton")
     for layer in range(a.num_layers):
         load.hook(layer)
     load.finish(None)

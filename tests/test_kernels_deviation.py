@@ -72,6 +72,18 @@ def _select_case(lens, takes, seed, ties=False):
     return got
 
 
+def test_forced_rank_above_infinite_deviation():
+    """An overflowed (+inf) deviation must not push a forced token (question, text) out."""
+    dev = torch.rand(20)
+    dev[:5] = float("inf")
+    forced = torch.zeros(20, dtype=torch.bool)
+    forced[10:15] = True
+    want = [0, 1, 10, 11, 12, 13, 14]  # all forced, then the first two +inf by index
+    for select in (hkvd_select, _hkvd_select_torch, hkvd_select_ref):
+        got = select(dev.to(DEV), forced.to(DEV), [0, 20], [7])
+        assert got.cpu().tolist() == want, select.__name__
+
+
 def test_hkvd_select_matches_original():
     _select_case([17, 0, 30, 5], [4, 0, 9, 9], seed=0)  # k >= n clamps
     _select_case([40, 33], [12, 0], seed=1, ties=True)

@@ -34,7 +34,7 @@ def _k_at(blender, ids, offset):
     """Layer-0 K (post-RoPE) of `ids` placed at `offset`, computed directly."""
     a = blender.adapter
     h = a.embed(torch.tensor(ids))
-    _, k, _ = a.qkv(0, h, torch.arange(offset, offset + len(ids)))
+    _, k, _, _ = a.qkv(0, h, torch.arange(offset, offset + len(ids)))
     return k
 
 

@@ -124,7 +124,9 @@ def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
     return m_i, l_i, acc
 
 
-@triton.jit
+# Sizes that change from run to run are not specialised (Triton would compile a variant per
+# "== 1" and "% 16 == 0" case of each, mid-serving); the split count is a runtime value too.
+@triton.jit(do_not_specialize=["num_reqs", "n_q", "s_btb", "num_splits"])
 def _selected_attention_kernel(
     Q, K, V, Out, QPOS, CU_Q, BT, SEQ_LENS,
     qk_scale,  # softmax scale * log2(e)
@@ -135,17 +137,20 @@ def _selected_attention_kernel(
     s_ot, s_oh, s_od,
     s_btb, s_btn,
     WS_M, WS_ACC,  # split-KV partials: [splits, Nq, Hq] and [splits, Nq, Hq, D_PAD] fp32
-    NUM_SPLITS: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
+    num_splits, SPLIT: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Flat grid, heaviest tiles first across all KV heads: the hardware hands out
     # programs in order, which makes this a longest-job-first schedule.
-    # With NUM_SPLITS > 1 (few tiles, long keys) each tile's keys are cut into
-    # NUM_SPLITS ranges whose partial softmax states `_combine_kernel` merges.
+    # With SPLIT (few tiles, long keys) each tile's keys are cut into
+    # num_splits ranges whose partial softmax states `_combine_kernel` merges.
     flat = tl.num_programs(0) - 1 - tl.program_id(0)
-    split = flat % NUM_SPLITS
-    flat = flat // NUM_SPLITS
+    if SPLIT:
+        split = flat % num_splits
+        flat = flat // num_splits
+    else:
+        split = 0
     pid = flat // NUM_KV
     kvh = flat % NUM_KV
 
@@ -192,8 +197,8 @@ def _selected_attention_kernel(
     else:
         kbase = K + kvh * s_kh
         vbase = V + kvh * s_vh
-    if NUM_SPLITS > 1:
-        per = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
         k_lo = split * per
         k_hi = tl.minimum(k_lo + per, kv_end)
     else:
@@ -207,7 +212,7 @@ def _selected_attention_kernel(
                             kv_end, qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
                             s_btn, True, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
 
-    if NUM_SPLITS > 1:
+    if SPLIT:
         r = (split * n_q.to(tl.int64) + tok.to(tl.int64)) * (NUM_KV * G) + head
         tl.store(WS_M + 2 * r, m_i, mask=row_ok)
         tl.store(WS_M + 2 * r + 1, l_i, mask=row_ok)
@@ -218,9 +223,9 @@ def _selected_attention_kernel(
                  acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _combine_kernel(Out, WS_M, WS_ACC, nq, s_ot, s_oh, s_od,
-                    HQ: tl.constexpr, HQ_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+@triton.jit(do_not_specialize=["nq", "num_splits"])
+def _combine_kernel(Out, WS_M, WS_ACC, nq, num_splits, s_ot, s_oh, s_od,
+                    HQ: tl.constexpr, HQ_PAD: tl.constexpr,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """Merge the split-KV partial softmax states of one query token (all heads)."""
     t = tl.program_id(0).to(tl.int64)
@@ -230,7 +235,7 @@ def _combine_kernel(Out, WS_M, WS_ACC, nq, s_ot, s_oh, s_od,
     m = tl.full([HQ_PAD], -1.0e30, dtype=tl.float32)
     l_sum = tl.zeros([HQ_PAD], dtype=tl.float32)
     acc = tl.zeros([HQ_PAD, D_PAD], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         r = (s * nq + t) * HQ + h
         m_s = tl.load(WS_M + 2 * r, mask=h_ok, other=-1.0e30)
         l_s = tl.load(WS_M + 2 * r + 1, mask=h_ok, other=0.0)
@@ -324,15 +329,15 @@ def selected_attention(
         q, k_cache, v_cache, out, q_pos, cu_q_t, block_table, seq_t,
         scale * LOG2E, nreq, nq, k_cache.shape[1],
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *block_table.stride(), ws_m, ws_acc,
-        NUM_SPLITS=splits, NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
+        *block_table.stride(), ws_m, ws_acc, splits,
+        SPLIT=splits > 1, NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
         HEAD_DIM=dim, D_PAD=d_pad,
         ONE_BLOCK=one_block, PAGE=page,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        _combine_kernel[(nq,)](out, ws_m, ws_acc, nq, *out.stride(), HQ=hq,
-                               HQ_PAD=triton.next_power_of_2(hq), NUM_SPLITS=splits,
+        _combine_kernel[(nq,)](out, ws_m, ws_acc, nq, splits, *out.stride(), HQ=hq,
+                               HQ_PAD=triton.next_power_of_2(hq),
                                HEAD_DIM=dim, D_PAD=d_pad, num_warps=4)
     return out

@@ -47,7 +47,7 @@ def token_deviation_ref(
 
 # One program reduces BLOCK_T tokens over all (head, dim) elements at once, in
 # fp32; only the tensors the metric needs are read (v_l2 reads V alone).
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # sizes vary per run: no recompiles
 def _deviation_kernel(
     OUT, KN, VN, K, V, SLOTS, n, block_size,
     s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd,
@@ -130,16 +130,12 @@ def hkvd_select(
         return _hkvd_select_torch(dev, forced, cu_tokens, num_take)
     device = dev.device
     nreq = len(num_take)
-    lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]
-    if nreq == 0 or sum(lens) == 0:
+    lens, take, meta_host = _select_meta(cu_tokens, num_take)
+    n_take = sum(take)
+    if nreq == 0 or sum(lens) == 0 or n_take == 0:
         return torch.empty(0, dtype=torch.long, device=device)
     width = max(lens)
-    take = [min(lens[b], max(0, num_take[b])) for b in range(nreq)]
-    n_take = sum(take)
-    if n_take == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    # starts | lens | take_start (nreq + 1): one pinned copy, no sync.
-    meta = to_device([*cu_tokens[:-1], *lens, 0, *_cumsum(take)], device)
+    meta = to_device(meta_host, device)
     score = torch.empty((nreq, width), dtype=torch.float32, device=device)
     blk = 256 if not INTERPRET else 64
     _hkvd_score_kernel[(nreq, triton.cdiv(width, blk))](
@@ -151,7 +147,26 @@ def hkvd_select(
     return torch.sort(picked).values
 
 
-@triton.jit
+def _select_meta(cu_tokens: Sequence[int], num_take: Sequence[int]
+                 ) -> tuple[list[int], list[int], list[int]]:
+    """(lens, clamped take, device metadata: starts | lens | take_start) for `hkvd_select`."""
+    nreq = len(num_take)
+    lens = [cu_tokens[b + 1] - cu_tokens[b] for b in range(nreq)]
+    take = [min(lens[b], max(0, num_take[b])) for b in range(nreq)]
+    return lens, take, [*cu_tokens[:-1], *lens, 0, *_cumsum(take)]
+
+
+def preload_select(cu_tokens: Sequence[int], num_take: Sequence[int],
+                   device: torch.device) -> None:
+    """Upload now the metadata a later `hkvd_select` with these sizes copies (cached by value).
+
+    A blend queues gigabytes of chunk KV on the host-to-device engine; a small
+    copy issued after them would wait behind them and stall its layer.
+    """
+    to_device(_select_meta(cu_tokens, num_take)[2], device)
+
+
+@triton.jit(do_not_specialize=["nreq", "width"])  # sizes vary per run: no recompiles
 def _hkvd_score_kernel(SCORE, DEV, FORCED, META, nreq, width, BLOCK: tl.constexpr):
     """Padded per-request score rows, ranked exactly as the reference ranks them."""
     b = tl.program_id(0)
@@ -165,12 +180,12 @@ def _hkvd_score_kernel(SCORE, DEV, FORCED, META, nreq, width, BLOCK: tl.constexp
     x = tl.where(x == float("inf"), fmax, x)  # nan_to_num: +inf -> max, -inf -> min, nan -> -inf
     x = tl.where(x == float("-inf"), -fmax, x)
     x = tl.where(x != x, float("-inf"), x)
-    x = tl.where(f, fmax, x)  # forced: +inf in the reference, then max by nan_to_num
+    x = tl.where(f, float("inf"), x)  # forced: above every deviation, +inf ones included
     x = tl.where(ok, x, float("-inf"))
     tl.store(SCORE + b.to(tl.int64) * width + c, x, mask=c < width)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nreq", "n_take", "s_order"])  # sizes vary per run: no recompiles
 def _hkvd_gather_kernel(OUT, ORDER, META, nreq, n_take, s_order, BLOCK: tl.constexpr):
     """Output i -> (request, rank) -> token index: the top `take[b]` of each sorted row."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -208,8 +223,9 @@ def _hkvd_select_torch(
     owner = torch.repeat_interleave(torch.arange(nreq, device=device), lens_t,
                                     output_size=total)
     col = torch.arange(total, device=device) - starts[owner]
-    ranked = torch.where(forced, torch.full_like(dev, float("inf")), dev.float())
-    ranked = torch.nan_to_num(ranked, nan=float("-inf"), neginf=torch.finfo(torch.float32).min)
+    ranked = torch.nan_to_num(dev.float(), nan=float("-inf"),
+                              neginf=torch.finfo(torch.float32).min)  # +inf -> max finite
+    ranked = torch.where(forced, torch.full_like(ranked, float("inf")), ranked)
     score[owner, col] = ranked
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     n_take = sum(take)

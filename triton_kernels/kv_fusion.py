@@ -26,7 +26,7 @@ def fuse_kv_ref(
 
 # One program copies BLOCK_T tokens x all heads; the new K/V rows may be any
 # strided view (e.g. slices of a fused qkv output) and the cache any paged view.
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # sizes vary per run: no recompiles
 def _fuse_kv_kernel(
     K, V, SLOTS, KN, VN, n, block_size,
     s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,

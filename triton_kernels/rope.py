@@ -64,7 +64,7 @@ def rerotate_k_ref(
 # One program rotates BLOCK_T tokens x all heads at once, (head, pair) flattened
 # into one axis so all loads are issued before the first store. Only the rotary
 # dims are read and written; with partial rotary the rest of a head is untouched.
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # sizes vary per run: no recompiles
 def _rerotate_k_kernel(
     K, SLOTS, DELTA, CS, n, block_size,
     s_kb, s_ko, s_kh, s_kd, s_cs0, s_cs1,

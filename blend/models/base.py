@@ -3,7 +3,9 @@
 A decoder layer is split where the blender must step in: `qkv` (input norm,
 projections, q/k norms, RoPE) hands fresh K/V to the blender, which fuses them
 into the cache and runs attention itself; `finish_layer` applies the output
-projection, residuals and MLP. Adapters exist for `transformers` models
+projection, residuals and MLP. `qkv` also hands back the residual stream as
+`finish_layer` wants it, so an adapter that folds the input residual in there
+need not fold it again (the blender only ever selects rows of it). Adapters exist for `transformers` models
 (offline, notebooks, GPU benchmarks) and for vLLM's loaded model.
 """
 
@@ -56,8 +58,9 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Residual stream -> q `[N, Hq, D]`, k, v `[N, Hkv, D]`, RoPE applied at `positions`."""
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual stream -> q `[N, Hq, D]`, k, v `[N, Hkv, D]` (RoPE applied at `positions`)
+        and the stream `finish_layer` takes (rows of it may be selected in between)."""
 
     @abstractmethod
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

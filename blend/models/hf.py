@@ -59,7 +59,7 @@ class HFAdapter(ModelAdapter):
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self._rotary(x[None], positions[None].long())  # [1, N, D], mscale folded in
         cos, sin = cos[0, :, None, :].to(q.dtype), sin[0, :, None, :].to(q.dtype)
-        return _rotate_neox(q, cos, sin), _rotate_neox(k, cos, sin), v
+        return _rotate_neox(q, cos, sin), _rotate_neox(k, cos, sin), v, h
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         blk = self.layers[layer]

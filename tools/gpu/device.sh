@@ -4,6 +4,7 @@
 #   bash tools/gpu/device.sh stash                 # move the carried .gpu/pN part to /root/gparts
 #   bash tools/gpu/device.sh install               # unpack parts; vLLM + deps + gguf + project into
 #                                                  # /tmp/site; SmolLM2 bf16 from the carried GGUF
+#   bash tools/gpu/device.sh units                 # kernel + loader GPU tests -> $OUT/gpu_unit_tests.txt
 #   bash tools/gpu/device.sh tests                 # tests/test_vllm_gpu.py -> $OUT/vllm_gpu_tests.txt
 #   bash tools/gpu/device.sh bench [ARGS...]       # bench/ttft_vllm_gpu.py -> $OUT/ttft_vllm_gpu.json
 #   bash tools/gpu/device.sh profile [ARGS...]     # bench/profile_vllm_gpu.py -> $OUT/profile_vllm_gpu.json
@@ -128,6 +129,16 @@ tests() {
   return "$rc"
 }
 
+units() {  # the kernels' and the loader's GPU tests (no vLLM engine): fast, run first
+  install_project || return 1
+  log "units: GPU tests of the kernels and the chunk loader"
+  timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu tests/test_kernels_*.py \
+    tests/test_chunk_loader.py 2>&1 | tee "$OUT/gpu_unit_tests.txt" | tail -5
+  local rc=${PIPESTATUS[0]}
+  log "units: rc=$rc"
+  return "$rc"
+}
+
 run_script() {  # NAME ARGS...: bench/NAME.py -> $OUT/NAME.txt (+ what the script writes to $OUT)
   local name=$1; shift
   install_project || return 1
@@ -150,10 +161,11 @@ while [ $# -gt 0 ]; do
     stash) stash ;;
     install) install || exit 1 ;;
     tests) tests || rc=1 ;;
+    units) units || rc=1 ;;
     bench) bench "$@" || rc=1; break ;;
     profile) profile "$@" || rc=1; break ;;
     all) install || exit 1; tests || rc=1; bench || rc=1 ;;
-    *) echo "unknown subcommand $cmd (stash|install|tests|bench|profile|all)" >&2; exit 2 ;;
+    *) echo "unknown subcommand $cmd (stash|install|units|tests|bench|profile|all)" >&2; exit 2 ;;
   esac
 done
 exit "$rc"
