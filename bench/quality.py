@@ -408,7 +408,9 @@ def main() -> None:
         if not model.startswith("_"):
             latest.setdefault(model, {}).update(sets)
     results = latest
-    results.setdefault("_config", {})[args.only or "all"] = {
+    run = (args.only or "all") + ("_selection" if args.selection else "") + \
+        (f"_seed{args.seed}" if args.seed else "")
+    results.setdefault("_config", {})[run] = {
         "cache_fuse_metadata": base, "dtype": "float32", "seconds": round(time.time() - t0)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1))
