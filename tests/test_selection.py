@@ -200,3 +200,31 @@ def test_without_a_question_every_policy_is_deviation(hb, chunks, policy):
         seq = BlendSeq(seq.token_ids[:ctx], 0, seq.block_table, seq.forced[:ctx])
         runs[name] = blender.run([seq], kv, blend=True, layer_hook=layer_loader(blender, kv, pl))
     assert runs["dev"].selected[0].tolist() == runs[policy].selected[0].tolist()
+
+
+class _Req:
+    def __init__(self, i):
+        self.req_id, self.chunks = f"r{i}", []
+
+
+@pytest.mark.parametrize("policy, layers", [("hybrid", [1, 3]), ("cheap", [4])])
+def test_trace_of_a_batched_probe_blend_splits_per_request(hb, prose_chunks, tmp_path, policy,
+                                                           layers):
+    """The worker's trace files: the question rows (probes) are forced in the split too."""
+    from blend.trace import load_dir, write_batch
+
+    cfg = BlendConfig.from_dict(POLICIES[policy])
+    blender = hb.blender.with_config(cfg)
+    kv = PagedKV.like(hb.adapter, 4096)
+    seqs, pls = [], []
+    for c in (prose_chunks[:2], prose_chunks[2:5]):
+        s, pl = _seq(hb, kv, c, "What is this about?")
+        seqs.append(BlendSeq(s.token_ids, 0, s.block_table, s.forced, num_probes=s.num_outputs))
+        pls += pl
+    tr = BlendTrace()
+    out = blender.run(seqs, kv, blend=True, trace=tr, layer_hook=layer_loader(blender, kv, pls))
+    write_batch(tmp_path, tr, seqs, cfg, [_Req(0), _Req(1)])
+    back = load_dir(tmp_path)
+    for b, key in enumerate(("r0", "r1")):
+        assert back[key].selected == out.selected[b].tolist()
+        assert sorted(back[key].deviation) == layers
