@@ -140,6 +140,23 @@ VARIANTS = {
     "gradual [1,8,16] .5/.25/.15": {"check_layers": [1, 8, 16], "recomp_ratios": [0.5, 0.25, 0.15]},
 }
 PLAIN = "plain CacheBlend@0.15 (bench/plain_cacheblend.py)"
+# Selection policies (issue 13), each beside the default (deviation, check layer 1, r=0.15)
+# and plain CacheBlend on the same prompts; `compute` is measured (BlendTrace.token_layers).
+HYB = {"selection": "hybrid", "query_weight": 0.5}
+SELECTION = {
+    "default: deviation [1] .15": {},
+    "query [1] .15": {"selection": "query"},
+    "hybrid [1] .15": HYB,
+    "hybrid [1,2] .4/.14": {**HYB, "check_layers": [1, 2], "recomp_ratios": [0.4, 0.14]},
+    "hybrid [1,3] .35/.13": {**HYB, "check_layers": [1, 3], "recomp_ratios": [0.35, 0.13]},
+    "deviation [1,3] .35/.13": {"check_layers": [1, 3], "recomp_ratios": [0.35, 0.13]},
+    "cheap [4] .045 sink4": {"selection": "cheap", "check_layers": [4], "recomp_ratio": 0.045,
+                             "sink_tokens": 4},
+    "cheap [8] .045 sink4": {"selection": "cheap", "check_layers": [8], "recomp_ratio": 0.045,
+                             "sink_tokens": 4},
+    "cheap [8] .045 no sinks": {"selection": "cheap", "check_layers": [8],
+                                "recomp_ratio": 0.045},
+}
 
 
 def compute_fraction(meta: dict | None, num_layers: int) -> float:
@@ -157,23 +174,34 @@ def compute_fraction(meta: dict | None, num_layers: int) -> float:
 
 
 def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bool = False,
-              shard: tuple[int, int] = (0, 1)) -> dict:
+              shard: tuple[int, int] = (0, 1), selection: bool = False, seed: int = 0) -> dict:
     from bench.plain_cacheblend import plain_blend
 
-    prompts = prose_prompts(n)[shard[0]::shard[1]]
+    prompts = prose_prompts(n, seed)[shard[0]::shard[1]]
     layers = hb.model.config.num_hidden_layers
     acc: dict[str, dict[str, list[float]]] = {}
-    runs = {k: (*v, True) for k, v in settings(ratios, base).items() if k != "full"}
+    if selection:
+        runs = {"reuse": ("reuse", None, True)}
+        runs.update({k: ("blend", {**base, **v}, True) for k, v in SELECTION.items()})
+    else:
+        runs = {k: (*v, True) for k, v in settings(ratios, base).items() if k != "full"}
     if variants:
         runs.update({f"variant@0.15 {k}": ("blend", {**base, "recomp_ratio": 0.15, **v}, False)
                      for k, v in VARIANTS.items()})
 
-    def record(name: str, logits: torch.Tensor, full, n_selected: int, meta) -> dict:
-        m = acc.setdefault(name, {"kl": [], "top1": [], "recomputed": [], "compute": []})
+    def record(name: str, logits: torch.Tensor, full, n_selected: int, meta, res=None) -> dict:
+        """KL and top-1 over the question tokens, and at the first answer token alone (the
+        last prompt token's prediction); compute is measured when the blend traced it."""
+        m = acc.setdefault(name, {"kl": [], "top1": [], "first_kl": [], "first_top1": [],
+                                  "recomputed": [], "compute": []})
         m["kl"].append(kl(full.logits, logits))
         m["top1"].append(float((full.logits.argmax(-1) == logits.argmax(-1)).float().mean()))
+        m["first_kl"].append(kl(full.logits[-1:], logits[-1:]))
+        m["first_top1"].append(float(full.logits[-1].argmax() == logits[-1].argmax()))
         m["recomputed"].append(n_selected / full.layout.context_len)
-        m["compute"].append(compute_fraction(meta, layers))
+        work = res.trace.token_layers if res is not None and meta is not None else 0
+        m["compute"].append(round(work / (full.layout.context_len * layers), 4) if work
+                            else compute_fraction(meta, layers))
         return m
 
     for i, (chunks, q) in enumerate(prompts):
@@ -181,12 +209,12 @@ def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bo
         full_gen = hb.decode(full, gen_tokens)
         for name, (mode, meta, gen_too) in runs.items():
             res = hb.prefill(SYSTEM, chunks, q, mode, meta, extra_tokens=gen_tokens)
-            m = record(name, res.logits, full, res.selected.numel(), meta)
+            m = record(name, res.logits, full, res.selected.numel(), meta, res)
             if gen_too:
                 gen = hb.decode(res, gen_tokens)
                 m.setdefault("gen_exact", []).append(float(gen == full_gen))
                 m.setdefault("gen_prefix", []).append(prefix_len(gen, full_gen))
-        if variants:  # the same selection computed by the independent dense implementation
+        if variants or selection:  # the default selection by the independent dense code
             lay = full.layout
             logits, sel = plain_blend(hb.model, lay.prefix, lay.chunks, lay.suffix, (0.15,), (1,))
             record(PLAIN, logits, full, sel.numel(), {"recomp_ratio": 0.15})
@@ -197,7 +225,8 @@ def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bo
 
 def summarize(acc: dict[str, dict[str, list[float]]], gen_tokens: int) -> dict:
     """Means per setting; the per-prompt values stay under `_raw` so shards can be merged."""
-    out: dict = {"full": {"kl": 0.0, "top1": 1.0, "compute": 1.0, "gen_exact": 1.0,
+    out: dict = {"full": {"kl": 0.0, "top1": 1.0, "first_kl": 0.0, "first_top1": 1.0,
+                          "compute": 1.0, "gen_exact": 1.0,
                           "gen_prefix": float(gen_tokens)}}
     for name, m in acc.items():
         out[name] = {k: round(sum(v) / len(v), 5) for k, v in m.items()}
@@ -217,14 +246,20 @@ def merge_raw(paths: list[str], model: str, dataset: str) -> dict[str, dict[str,
     return acc
 
 
+SQUAD_SELECTION = ("default: deviation [1] .15", "hybrid [1,3] .35/.13", "cheap [4] .045 sink4")
+
+
 def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24,
-              shard: tuple[int, int] = (0, 1)) -> dict:
+              shard: tuple[int, int] = (0, 1), selection: bool = False) -> dict:
     items = squad_items(n)[shard[0]::shard[1]]
     modes = {"full": ("full", None), "reuse": ("reuse", None),
              f"blend@{ratio}": ("blend", {**base, "recomp_ratio": ratio}),
              f"blend@{ratio} gradual [1,8] .5/{ratio} k_l2": (
                  "blend", {**base, "recomp_ratio": ratio, "check_layers": [1, 8],
                            "recomp_ratios": [0.5, ratio], "deviation": "k_l2"})}
+    if selection:
+        modes = {"full": ("full", None), "reuse": ("reuse", None)}
+        modes.update({k: ("blend", {**base, **SELECTION[k]}) for k in SQUAD_SELECTION})
     scores = {k: {"em": [], "f1": []} for k in modes}
     system = "Answer the question with a short phrase taken from the documents."
     for i, (docs, q, golds) in enumerate(items):
@@ -239,9 +274,23 @@ def run_squad(hb, n: int, base: dict, ratio: float = 0.15, gen_tokens: int = 24,
     return summarize_squad(scores)
 
 
+def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the mean, in percent."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
+    return [round(100 * means[int(0.025 * reps)], 2), round(100 * means[int(0.975 * reps) - 1], 2)]
+
+
 def summarize_squad(scores: dict[str, dict[str, list[float]]]) -> dict:
     out: dict = {k: {m: round(100 * sum(v) / len(v), 2) for m, v in s.items()}
                  for k, s in scores.items()}
+    for k, s in scores.items():
+        for m, v in s.items():
+            out[k][f"{m}_ci95"] = bootstrap_ci(v)
+        if k != "full" and "full" in scores:  # paired: same questions, so the gap is tighter
+            gap = [a - b for a, b in zip(s["f1"], scores["full"]["f1"])]
+            out[k]["f1_minus_full_ci95"] = bootstrap_ci(gap)
     out["_questions"] = len(next(iter(scores.values()))["em"]) if scores else 0
     out["_raw"] = scores
     return out
@@ -286,11 +335,22 @@ def plot(results: dict, path: Path) -> None:
 
 
 def print_prose(r: dict) -> None:
-    print(f"{'setting':<56}{'KL':>8}{'top1':>7}{'compute':>9}{'gen_exact':>10}{'gen_prefix':>11}")
+    print(f"{'setting':<56}{'KL':>8}{'top1':>7}{'1st KL':>8}{'1st top1':>9}{'compute':>9}"
+          f"{'gen_exact':>10}{'gen_prefix':>11}")
+    nan = float("nan")
     for k, v in r.items():
         if not k.startswith("_"):
-            print(f"{k:<56}{v['kl']:>8.4f}{v['top1']:>7.3f}{v.get('compute', 1.0):>9.3f}"
-                  f"{v.get('gen_exact', float('nan')):>10.2f}{v.get('gen_prefix', float('nan')):>11.1f}")
+            print(f"{k:<56}{v['kl']:>8.4f}{v['top1']:>7.3f}{v.get('first_kl', nan):>8.4f}"
+                  f"{v.get('first_top1', nan):>9.2f}{v.get('compute', 1.0):>9.3f}"
+                  f"{v.get('gen_exact', nan):>10.2f}{v.get('gen_prefix', nan):>11.1f}")
+
+
+def print_squad(r: dict) -> None:
+    print(f"{'setting':<44}{'EM':>8}{'F1':>8}  {'F1 95% CI':<16}{'F1 - full, 95% CI'}")
+    for k, v in r.items():
+        if not k.startswith("_"):
+            print(f"{k:<44}{v['em']:>8.2f}{v['f1']:>8.2f}  {str(v.get('f1_ci95')):<16}"
+                  f"{v.get('f1_minus_full_ci95', '')}")
 
 
 def main() -> None:
@@ -302,6 +362,10 @@ def main() -> None:
     ap.add_argument("--merge", nargs="*", help="merge prose shard JSON files into --out, then plot")
     ap.add_argument("--variants", action="store_true",
                     help="also measure each knob's effect at r=0.15 (prefill metrics only)")
+    ap.add_argument("--selection", action="store_true",
+                    help="prose: the selection policies (issue 13) beside the default and plain "
+                         "CacheBlend, under pydoc_prose_selection[_seedN]")
+    ap.add_argument("--seed", type=int, default=0, help="prose prompt set (0 = the usual 20)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = ap.parse_args()
     base = json.loads(args.meta)
@@ -316,31 +380,37 @@ def main() -> None:
             r = summarize(merge_raw(prose, "SmolLM2-135M-Instruct", "pydoc_prose"), 32)
             results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
             print_prose(r)
-        if squad:
-            raw = merge_raw(squad, "Qwen2.5-Coder-0.5B-Instruct", "squad_multidoc")
-            results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = \
-                summarize_squad(raw)
+        for key in ("squad_multidoc", "squad_multidoc_selection"):
+            files = [p for p in squad if key in json.loads(Path(p).read_text()).get(
+                "Qwen2.5-Coder-0.5B-Instruct", {})]
+            if files:
+                raw = merge_raw(files, "Qwen2.5-Coder-0.5B-Instruct", key)
+                results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})[key] = summarize_squad(raw)
+                print_squad(results["Qwen2.5-Coder-0.5B-Instruct"][key])
     shard = tuple(int(x) for x in args.shard.split("/"))
     if args.only in (None, "prose"):
         hb = load("SmolLM2-135M-Instruct")
-        r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants, shard=shard)
-        results.setdefault("SmolLM2-135M-Instruct", {})["pydoc_prose"] = r
+        r = run_prose(hb, args.n or 20, RATIOS, base, variants=args.variants, shard=shard,
+                      selection=args.selection, seed=args.seed)
+        key = "pydoc_prose" + ("_selection" if args.selection else "") + \
+            (f"_seed{args.seed}" if args.seed else "")
+        results.setdefault("SmolLM2-135M-Instruct", {})[key] = r
         print_prose(r)
     if args.only in (None, "squad"):
         hb = load("Qwen2.5-Coder-0.5B-Instruct")
-        r = run_squad(hb, args.n or 40, base, shard=shard)
-        results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})["squad_multidoc"] = r
-        print(f"{'setting':<44}{'EM':>8}{'F1':>8}")
-        for k, v in r.items():
-            if not k.startswith("_"):
-                print(f"{k:<44}{v['em']:>8.2f}{v['f1']:>8.2f}")
+        r = run_squad(hb, args.n or 40, base, shard=shard, selection=args.selection)
+        key = "squad_multidoc" + ("_selection" if args.selection else "")
+        results.setdefault("Qwen2.5-Coder-0.5B-Instruct", {})[key] = r
+        print_squad(r)
     # Re-read before writing: a prose run and a squad run may share one file.
     latest = json.loads(out_path.read_text()) if out_path.exists() else {}
     for model, sets in results.items():
         if not model.startswith("_"):
             latest.setdefault(model, {}).update(sets)
     results = latest
-    results.setdefault("_config", {})[args.only or "all"] = {
+    run = (args.only or "all") + ("_selection" if args.selection else "") + \
+        (f"_seed{args.seed}" if args.seed else "")
+    results.setdefault("_config", {})[run] = {
         "cache_fuse_metadata": base, "dtype": "float32", "seconds": round(time.time() - t0)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1))

@@ -8,7 +8,9 @@ that already holds each chunk's re-rotated standalone KV:
   KV is context-free, so it equals the cached KV after the RoPE fix);
 * a check layer: fresh K/V of the still-active tokens are compared with the
   cached K/V; forced tokens plus the top-`ratio` deviating ones stay active
-  (several check layers filter gradually);
+  (several check layers filter gradually). The `selection` policy can rank by
+  the question's attention instead, or both (`blend/selection.py`), and the
+  `cheap` policy replaces the check layer by a question-only probe pass;
 * every layer: the active tokens' fresh K/V overwrite the cached K/V, then
   their attention runs over the fused cache with an exact causal mask by
   position.
@@ -31,6 +33,7 @@ from blend.attention import BlendOps, get_ops
 from blend.config import BlendConfig, num_recompute
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
+from blend.selection import combine, per_token, query_mass
 from blend.triton_kernels._paged import to_device
 
 
@@ -43,6 +46,10 @@ class BlendSeq:
     block_table: torch.Tensor  # int32 row (host) covering positions 0..end-1
     forced: torch.Tensor | None = None  # [n] bool (CPU): always recompute; None = nothing forced
     num_outputs: int = 0  # the last k tokens (e.g. the question) are forced and get logits
+    # Or: the last k tokens are the question as probes for query selection (the vLLM
+    # connector, where vLLM computes the question itself): forced up to the last check
+    # layer, then dropped; no logits. Their K/V writes there are provisional.
+    num_probes: int = 0
 
     @property
     def end(self) -> int:
@@ -56,6 +63,9 @@ class BlendTrace:
     deviation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     selected: list[torch.Tensor] = field(default_factory=list)  # per sequence, positions
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Context-token layer passes (attention + MLP), question rows excluded: `compute` share
+    # = token_layers / (context tokens x layers). Probe passes count too.
+    token_layers: int = 0
 
     def deviation_dense(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Deviation at `layer` for positions `start..end-1` (NaN where not measured)."""
@@ -119,6 +129,7 @@ class Blender:
         """
         a, ops, cfg = self.adapter, self.ops, self.config
         dev = a.device
+        device = torch.device(dev)
         t0 = time.perf_counter()
         lens = [int(s.token_ids.numel()) for s in seqs]
         cu = _cumsum(lens)
@@ -129,77 +140,197 @@ class Blender:
                                      kv.block_size) for b, s in enumerate(seqs)])
         seq_lens = [s.end for s in seqs]
         outs = [min(s.num_outputs, n) for s, n in zip(seqs, lens)]
+        probes = [min(s.num_probes, n - o) if blend else 0 for s, n, o in zip(seqs, lens, outs)]
+        # The question: the forced rows at the end that query selection reads.
+        qrows = [o + p for o, p in zip(outs, probes)]
 
         checks = dict(zip(cfg.check_layers, cfg.ratios())) if blend else {}
         forced_host = []
-        for s, n, o in zip(seqs, lens, outs):
+        for s, n, q in zip(seqs, lens, qrows):
             f = s.forced.clone() if (blend and s.forced is not None) else torch.zeros(n, dtype=torch.bool)
-            f[n - o:] = True
+            f[n - q:] = True
             forced_host.append(f)
         n_forced = [int(f.sum()) for f in forced_host]
         n_cached = [n - f for n, f in zip(lens, n_forced)]
         forced = _h2d(torch.cat(forced_host), dev)
+        # No full-token check layer in the cheap mode: a probe pass of the question picks
+        # the recomputed set before layer 0 (below), and nothing is filtered after.
+        cheap = blend and cfg.selection == "cheap" and any(qrows)
+        cheap_take = [nf + num_recompute(cfg.recomp_ratio, nc) for nf, nc in zip(n_forced, n_cached)]
+        if cheap:
+            checks = {}
         # Every layer's sizes are known here, from host metadata alone.
-        takes, phase_cu = {}, [cu]
+        start_cu = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)]) if cheap else cu
+        if cheap and any(probes):
+            start_cu = _cumsum(_tail_dropped(start_cu, probes))
+        takes, phase_cu = {}, [start_cu]
+        rows_ahead: list[list[int]] = []  # the query rows and probe drops the layers will index
+        if cheap:
+            rows_ahead.append(_tail_rows(cu, qrows))
+            if any(probes):
+                rows_ahead.append(_kept_rows(_cumsum([min(t, n) for t, n in zip(cheap_take, lens)]),
+                                             probes))
         for layer in sorted(checks):
             c = phase_cu[-1]
+            if cfg.selection in ("query", "hybrid") and any(qrows):
+                rows_ahead.append(_tail_rows(c, qrows))
             takes[layer] = [nf + num_recompute(checks[layer], nc)
                             for nf, nc in zip(n_forced, n_cached)]
-            phase_cu.append(_cumsum([min(t, c[b + 1] - c[b])
-                                     for b, t in enumerate(takes[layer])]))
+            c = _cumsum([min(t, c[b + 1] - c[b]) for b, t in enumerate(takes[layer])])
+            if layer == max(checks) and any(probes):  # probes: no use past the last check
+                rows_ahead.append(_kept_rows(c, probes))
+                c = _cumsum(_tail_dropped(c, probes))
+            phase_cu.append(c)
         final = phase_cu[-1]
         out_rows = [i for b, o in enumerate(outs) for i in range(final[b + 1] - o, final[b + 1])]
-        if torch.device(dev).type == "cuda":
+        if device.type == "cuda":
             _preload(dev, phase_cu, takes, seq_lens, out_rows, _cumsum(outs))
+            if cheap:
+                from blend.triton_kernels.deviation import preload_select
 
+                preload_select(cu, cheap_take, device)
+            for r in rows_ahead:
+                to_device(r, device)
+
+        hooked = [-1]
+
+        def hook(upto: int) -> None:  # each layer's hook runs once, in order, whoever asks first
+            if layer_hook is not None:
+                for j in range(hooked[0] + 1, upto + 1):
+                    layer_hook(j)
+            hooked[0] = max(hooked[0], upto)
+
+        if cheap:
+            # The question alone runs over the cached KV up to the last check layer, and its
+            # attention there picks the tokens recomputed from layer 0.
+            rows = to_device(_tail_rows(cu, qrows), device)
+            mass = self._probe(ids[rows], pos[rows], slots[rows], _cumsum(qrows), block_table,
+                               seq_lens, kv, hook, trace)
+            score = per_token(mass, pos, cu)
+            keep = ops.select(score, forced, cu, cheap_take)
+            if trace is not None:
+                trace.deviation[max(cfg.check_layers)] = (pos.cpu(), score.float().cpu())
+            ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
+            if any(probes):  # the probe pass was their only use
+                c = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)])
+                rows = to_device(_kept_rows(c, probes), device)
+                ids, pos, slots, forced = ids[rows], pos[rows], slots[rows], forced[rows]
+                qrows = outs
         h = a.embed(ids)
-        act_pos, act_slots, act_forced, act_cu = pos, slots, forced, cu
+        act_pos, act_slots, act_forced, act_cu = pos, slots, forced, start_cu
         q_pos = act_pos.to(torch.int32)
         last = a.num_layers - 1
         logits = None
-        hooked = -1
         phase = 0
         for layer in range(a.num_layers):
-            if layer_hook is not None:
-                layer_hook(layer)
-                hooked = layer
+            hook(layer)
             k_cache, v_cache = kv.layer(layer)
             q, k, v, h = a.qkv(layer, h, act_pos)
+            fused = False
             if layer in checks:
-                d = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, act_slots,
-                                                  cfg.deviation))
+                d, fused = self._check_scores(q, k, v, k_cache, v_cache, act_slots, q_pos, act_cu,
+                                              act_forced, qrows, block_table, seq_lens)
                 keep = ops.select(d, act_forced, act_cu, takes[layer])
                 if trace is not None:
                     trace.deviation[layer] = (act_pos.cpu(), d.float().cpu())
                 phase += 1
                 act_cu = phase_cu[phase]
+                if layer == max(checks) and any(probes):  # drop the probes: keep the rest
+                    c = _cumsum([min(t, n) for t, n in zip(
+                        takes[layer], [phase_cu[phase - 1][b + 1] - phase_cu[phase - 1][b]
+                                       for b in range(len(seqs))])])
+                    keep = keep[to_device(_kept_rows(c, probes), device)]
+                    qrows = outs
                 h, q, k, v = h[keep], q[keep], k[keep], v[keep]
                 act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
                 q_pos = act_pos.to(torch.int32)
                 if act_cu[-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
-            ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
+            if not fused:
+                ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
             if layer == last:
                 # The last layer's output feeds only the logits: run it for the output tokens,
                 # which are forced and so are the last `outs[b]` active tokens of each sequence.
                 if not any(outs):
                     break
-                rows = to_device(out_rows, torch.device(dev))
+                rows = to_device(out_rows, device)
                 h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
             else:
                 q_cu = act_cu
+            if trace is not None:  # the last layer computes only K/V for context tokens: count it
+                trace.token_layers += act_cu[-1] - sum(qrows)
             o = ops.attention(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens, a.scale)
             h = a.finish_layer(layer, h, o)
             if layer == last:
                 logits = a.logits(h)
-        if layer_hook is not None:  # an early stop still owes the later layers their load
-            for layer in range(hooked + 1, a.num_layers):
-                layer_hook(layer)
+        hook(a.num_layers - 1)  # an early stop still owes the later layers their load
         selected = [act_pos[act_cu[b]:act_cu[b + 1]] for b in range(len(seqs))]
         if trace is not None:
             trace.selected = [s.cpu() for s in selected]
             trace.timings_ms["blend" if blend else "prefill"] = (time.perf_counter() - t0) * 1e3
         return RunOutput(selected=selected, logits=logits)
+
+    def _probe(self, ids, pos, slots, cu, block_table, seq_lens, kv, hook, trace):
+        """The question alone over the cache up to the last check layer: per sequence, its
+        attention mass on every key position, summed over the check layers.
+
+        Its own K/V writes are provisional: the pass that follows (or vLLM, for the
+        question) recomputes the question and overwrites them.
+        """
+        a, ops = self.adapter, self.ops
+        q_pos = pos.to(torch.int32)
+        h = a.embed(ids)
+        total = None
+        for layer in range(max(self.config.check_layers) + 1):
+            hook(layer)
+            k_cache, v_cache = kv.layer(layer)
+            q, k, v, h = a.qkv(layer, h, pos)
+            ops.fuse_kv(k_cache, v_cache, slots, k, v)
+            if layer in self.config.check_layers:
+                mass = query_mass(q, q_pos, cu, k_cache, block_table, seq_lens, a.scale)
+                total = mass if total is None else [t + m for t, m in zip(total, mass)]
+            if layer == max(self.config.check_layers):
+                break
+            h = a.finish_layer(layer, h, ops.attention(q, k_cache, v_cache, q_pos, cu,
+                                                       block_table, seq_lens, a.scale))
+        if trace is not None:  # question rows run twice: the probe is extra work
+            trace.token_layers += (max(self.config.check_layers) + 1) * cu[-1]
+        return [a.reduce_scores(t) for t in total]
+
+    def _check_scores(self, q, k, v, k_cache, v_cache, slots, q_pos, cu, forced, qrows,
+                      block_table, seq_lens) -> tuple[torch.Tensor, bool]:
+        """Ranking score `[N]` of the active tokens at a check layer, and whether their fresh
+        K/V are already in the cache (query scoring fuses them first, to read exact keys)."""
+        a, ops, cfg = self.adapter, self.ops, self.config
+        policy = cfg.selection
+        dev = None
+        if policy != "query" or not any(qrows):
+            dev = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, slots, cfg.deviation))
+        if policy not in ("query", "hybrid") or not any(qrows):
+            return dev, False  # no question in the pass (or cheap mode without one): deviation
+        # Every active token's fresh K/V is already computed here, and better than its cached
+        # K/V (exact at the first check layer): write them all, not only the kept ones, so
+        # the question reads the keys the kept tokens will see.
+        ops.fuse_kv(k_cache, v_cache, slots, k, v)
+        rows = to_device(_tail_rows(cu, qrows), q.device)
+        mass = query_mass(q[rows], q_pos[rows], _cumsum(qrows), k_cache, block_table, seq_lens,
+                          a.scale)
+        mass = a.reduce_scores(per_token(mass, q_pos.long(), cu))
+        return combine(policy, dev, mass, ~forced, cu, cfg.query_weight), True
+
+
+def _tail_rows(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
+    """Row indexes of the last `tail[b]` rows of each sequence (the question)."""
+    return [i for b, t in enumerate(tail) for i in range(cu[b + 1] - t, cu[b + 1])]
+
+
+def _kept_rows(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
+    """Row indexes of each sequence without its last `tail[b]` rows (probes dropped)."""
+    return [i for b, t in enumerate(tail) for i in range(cu[b], cu[b + 1] - t)]
+
+
+def _tail_dropped(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
+    return [cu[b + 1] - cu[b] - t for b, t in enumerate(tail)]
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Any
 
 DEVIATIONS = ("v_l2", "k_l2", "k_l1", "kv_l2")
 BACKENDS = ("auto", "torch", "triton")
+SELECTIONS = ("deviation", "query", "hybrid", "cheap")
 
 
 class BlendConfigError(ValueError):
@@ -30,6 +31,10 @@ class BlendConfig:
                    filtering); defaults to `recomp_ratio` at every check layer.
     deviation:     v_l2 (CacheBlend), k_l2 (LMCache), k_l1 (UCM) or kv_l2.
     sink_tokens:   first k tokens of each chunk always recomputed (EPIC).
+    selection:     how check layers rank cached tokens: deviation (CacheBlend),
+                   query (the question's attention to them), hybrid (both,
+                   normalized and summed), cheap (no full-token check layer).
+    query_weight:  hybrid only: weight of the query term against deviation.
     attention_backend: auto (triton on CUDA, torch otherwise), torch, triton.
     """
 
@@ -39,6 +44,8 @@ class BlendConfig:
     deviation: str = "v_l2"
     sink_tokens: int = 0
     attention_backend: str = "auto"
+    selection: str = "deviation"
+    query_weight: float = 0.5
 
     def __post_init__(self) -> None:
         _ratio("recomp_ratio", self.recomp_ratio)
@@ -67,6 +74,15 @@ class BlendConfig:
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) \
                 or self.sink_tokens < 0:
             raise BlendConfigError(f"sink_tokens: {self.sink_tokens!r} must be an int >= 0")
+        if self.selection not in SELECTIONS:
+            raise BlendConfigError(f"selection: {self.selection!r} not in {SELECTIONS}")
+        if self.selection == "cheap" and self.recomp_ratios is not None:
+            raise BlendConfigError(
+                "recomp_ratios: selection 'cheap' picks one set before layer 0 (no gradual "
+                "filtering); give recomp_ratio only")
+        if isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float)) \
+                or not math.isfinite(self.query_weight) or self.query_weight < 0:
+            raise BlendConfigError(f"query_weight: {self.query_weight!r} must be a number >= 0")
         if self.attention_backend not in BACKENDS:
             raise BlendConfigError(
                 f"attention_backend: {self.attention_backend!r} not in {BACKENDS}")

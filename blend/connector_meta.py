@@ -31,7 +31,9 @@ class BlendRequest:
     """
 
     req_id: str
-    token_ids: list[int]  # prompt tokens up to the last chunk's end (chunks may pass context_end)
+    # Prompt tokens up to the last chunk's end (chunks may pass context_end); the whole
+    # prompt when the selection reads the question (query, hybrid, cheap).
+    token_ids: list[int]
     chunks: list[ChunkRef]
     num_local: int
     context_end: int

@@ -170,6 +170,8 @@ class BlendScheduler:
         request, plan = item
         last = plan.spans[-1][1]
         prompt = request.prompt_token_ids
+        if (plan.config or self.base_config).get("selection", "deviation") != "deviation":
+            last = len(prompt)  # query-aware selection reads the question as probes
         return BlendRequest(
             req_id=request.request_id,
             token_ids=list(prompt[:last]),

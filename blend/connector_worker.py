@@ -301,8 +301,10 @@ class BlendWorker:
             forced[lo - p0: hi - p0] = False
             if sink and ch.start >= p0:
                 forced[ch.start - p0: min(ch.start + sink, hi) - p0] = True
-        ids = torch.tensor(req.token_ids[p0:end], dtype=torch.long)
-        return BlendSeq(ids, p0, row, forced), pieces
+        probe = question_probes(req, config, self.block_size)
+        ids = torch.tensor(req.token_ids[p0:end] + probe, dtype=torch.long)
+        forced = torch.cat([forced, torch.ones(len(probe), dtype=torch.bool)])
+        return BlendSeq(ids, p0, row, forced, num_probes=len(probe)), pieces
 
     def start_load_kv(self, requests: list[BlendRequest]) -> None:
         if not requests:
@@ -358,7 +360,7 @@ class BlendWorker:
             events[1].record()
         st = self.stats
         st.blended_requests += len(requests)
-        st.blended_tokens += sum(int(s.token_ids.numel()) for s in seqs)
+        st.blended_tokens += sum(int(s.token_ids.numel()) - s.num_probes for s in seqs)
         st.recomputed_tokens += sum(int(x.numel()) for x in out.selected)
         st.blend_ms += (time.perf_counter() - t0) * 1e3
         log.debug("blended %d request(s), %d tokens, %d recomputed, %.1f ms host", len(requests),
@@ -391,6 +393,20 @@ class BlendWorker:
         cfg = self._blender_for(requests[0].config).config
         for doc in write_batch(self.trace_dir, trace, seqs, cfg, requests):
             self.last_traces[doc["req_id"]] = doc
+
+
+def question_probes(req: BlendRequest, config: BlendConfig, block_size: int) -> list[int]:
+    """The question tokens that probe a query-aware blend (none for `deviation`).
+
+    vLLM prefills the question after the blend, in the same step, and writes its K/V
+    over whatever the probes left there. Only positions inside the request's allocated
+    blocks probe: those blocks are the request's own, and vLLM writes every position
+    of them before it reads it.
+    """
+    if config.selection == "deviation":
+        return []
+    q_end = min(len(req.token_ids), len(req.block_ids) * block_size)
+    return list(req.token_ids[req.context_end:q_end])
 
 
 def _by_tokens(requests: list[BlendRequest], budget: int) -> list[list[BlendRequest]]:

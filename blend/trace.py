@@ -100,11 +100,20 @@ def split_batch(trace: Any, seqs: Sequence[Any], config: Any) -> list[dict[int, 
     from blend.config import num_recompute
 
     lens = [int(s.token_ids.numel()) for s in seqs]
-    forced = [int(s.forced.sum()) if s.forced is not None else 0 for s in seqs]
+    # The blender forces the question rows (outputs and probes) whatever `forced` says.
+    tails = [min(n, getattr(s, "num_outputs", 0) + getattr(s, "num_probes", 0))
+             for s, n in zip(seqs, lens)]
+    forced = [(int(s.forced[:n - t].sum()) if s.forced is not None else 0) + t
+              for s, n, t in zip(seqs, lens, tails)]
     cached = [n - f for n, f in zip(lens, forced)]
     out: list[dict[int, list[float]]] = [{} for _ in seqs]
     counts = list(lens)
-    for layer, ratio in zip(config.check_layers, config.ratios()):
+    phases = list(zip(config.check_layers, config.ratios()))
+    if getattr(config, "selection", "deviation") == "cheap":
+        # One score before layer 0 (the question's probe), over every token, kept under
+        # the last check layer.
+        phases = [(max(config.check_layers), config.recomp_ratio)]
+    for layer, ratio in phases:
         if layer not in trace.deviation:
             break  # the blend stopped early: nothing left to recompute
         pos, dev = trace.deviation[layer]

@@ -370,6 +370,47 @@ def test_b_reuse_other_order_and_position(llm, cases, reference, smollm2_fp32, t
     assert sum(kls_t) / len(kls_t) <= KL_TARGET, kls_t
 
 
+HYBRID = {"selection": "hybrid", "query_weight": 0.5, "check_layers": [1, 3],
+          "recomp_ratios": [0.35, 0.13]}  # docs/tuning.md
+
+
+def test_b2_query_selection_reads_the_question_as_probes(llm, cases, reference, smollm2_fp32,
+                                                         tok):
+    """hybrid and cheap read the question (probes in the blend; vLLM prefills it after).
+
+    At r=1 the greedy output is plain vLLM's, also for a question prefilled over several
+    steps: the probes' K/V writes (in cheap mode computed over the stale cache) are all
+    overwritten by vLLM. At the tuned ratio hybrid's KL matches the offline engine's.
+    """
+    import blend
+
+    exact = {"recomp_ratio": 1.0}
+    refs = reference.part("exact")[:2] + [reference.part("longq")]
+    for meta in ({**HYBRID, **exact, "recomp_ratios": [1.0, 1.0]},
+                 {"selection": "cheap", "check_layers": [4], "sink_tokens": 4, **exact}):
+        prompts = [blend.BlendPrompt(ids, spans, cache_fuse_metadata=meta)
+                   for ids, spans in [*cases["exact"][:2], cases["longq"]]]
+        outs = llm.generate(prompts, _sp(), use_tqdm=False)
+        for i, (o, ref) in enumerate(zip(outs, refs)):
+            assert _report(o)["num_external"] > 0, (meta, i)
+            assert list(o.outputs[0].token_ids) == ref["tokens"], (meta, i)
+    outs = llm.generate([blend.BlendPrompt(ids, spans, cache_fuse_metadata=HYBRID)
+                         for ids, spans in cases["reuse"]], _kl_params(), use_tqdm=False)
+    kls = [_kl(ref["question_logprobs"], _question_logprobs(o, spans[-1][1]))
+           for o, ref, (_, spans) in zip(outs, reference.part("reuse"), cases["reuse"])]
+    from blend.offline import HFBlender
+
+    hb = HFBlender(*smollm2_fp32, cache_fuse_metadata=HYBRID)
+    off = []
+    for sys_text, chunks, q in cases["reuse_text"]:
+        full = hb.prefill(sys_text, chunks, q, mode="full").logits.log_softmax(-1)
+        bl = hb.prefill(sys_text, chunks, q, mode="blend").logits.log_softmax(-1)
+        off.append(float((full.exp() * (full - bl)).sum(-1).mean()))
+    print(f"hybrid KL: vLLM connector {[round(k, 4) for k in kls]}, offline "
+          f"{[round(k, 4) for k in off]}")
+    assert sum(kls) / len(kls) <= 1.1 * sum(off) / len(off) + 1e-3, (kls, off)
+
+
 def test_c_persistence_in_a_new_process(llm, cases, store_dir, smollm2_path, tmp_path,
                                         child_env):
     """A fresh engine in a fresh process on the same store finds every stored chunk."""
