@@ -73,3 +73,25 @@ def prose_chunks() -> list[str]:
 
     names = ["assignment", "class", "exceptions", "for", "if", "import", "lambda", "while"]
     return [" ".join(topics[n].split()[:60]) for n in names]
+
+
+@pytest.fixture(scope="module")
+def hb(smollm2_fp32):
+    """An offline blender on SmolLM2 fp32 (a module may define its own `hb`)."""
+    from blend.offline import HFBlender
+
+    model, tok = smollm2_fp32
+    return HFBlender(model, tok)
+
+
+@pytest.fixture(scope="module")
+def chunks(prose_chunks):
+    return prose_chunks[:4]
+
+
+@pytest.fixture(scope="module")
+def full(hb, chunks):
+    """Full prefill of the shared case (`blend_case.SYSTEM`, four chunks, `QUESTION`)."""
+    from blend_case import QUESTION, SYSTEM
+
+    return hb.prefill(SYSTEM, chunks, QUESTION, "full")

@@ -2,32 +2,9 @@
 
 import pytest
 import torch
+from blend_case import QUESTION, SYSTEM, kl
 
 from blend.offline import HFBlender
-
-SYSTEM = "You are a helpful assistant. Answer the question using the documents."
-QUESTION = "Which statement does the second document describe, and how does it work?"
-
-
-def kl(p_logits, q_logits):
-    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()
-
-
-@pytest.fixture(scope="module")
-def hb(smollm2_fp32):
-    model, tok = smollm2_fp32
-    return HFBlender(model, tok)
-
-
-@pytest.fixture(scope="module")
-def chunks(prose_chunks):
-    return prose_chunks[:4]
-
-
-@pytest.fixture(scope="module")
-def full(hb, chunks):
-    return hb.prefill(SYSTEM, chunks, QUESTION, "full")
 
 
 def test_full_mode_is_the_models_own_forward(hb, full):

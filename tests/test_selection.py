@@ -3,16 +3,14 @@ batched, and the query score is the question's real attention."""
 
 import pytest
 import torch
+from blend_case import QUESTION, SYSTEM, kl
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from blend.blender import BlendSeq, BlendTrace
 from blend.chunk_kv import Placement, layer_loader
 from blend.config import BlendConfig, BlendConfigError
 from blend.kv import PagedKV, slots_for
-from blend.offline import HFBlender
 
-SYSTEM = "You are a helpful assistant. Answer the question using the documents."
-QUESTION = "Which statement does the second document describe, and how does it work?"
 POLICIES = {
     "deviation": {"selection": "deviation"},
     "query": {"selection": "query"},
@@ -21,27 +19,6 @@ POLICIES = {
     "cheap": {"selection": "cheap", "check_layers": [1, 2, 4], "recomp_ratio": 0.05,
               "sink_tokens": 4},
 }
-
-
-def kl(p_logits, q_logits):
-    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()
-
-
-@pytest.fixture(scope="module")
-def hb(smollm2_fp32):
-    model, tok = smollm2_fp32
-    return HFBlender(model, tok)
-
-
-@pytest.fixture(scope="module")
-def chunks(prose_chunks):
-    return prose_chunks[:4]
-
-
-@pytest.fixture(scope="module")
-def full(hb, chunks):
-    return hb.prefill(SYSTEM, chunks, QUESTION, "full")
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
