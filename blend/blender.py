@@ -160,16 +160,16 @@ class Blender:
         if cheap:
             checks = {}
         # Every layer's sizes are known here, from host metadata alone.
-        start_cu = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)]) if cheap else cu
-        if cheap and any(probes):
-            start_cu = _cumsum(_tail_dropped(start_cu, probes))
-        takes, phase_cu = {}, [start_cu]
-        rows_ahead: list[list[int]] = []  # the query rows and probe drops the layers will index
+        start_cu = cu
+        drop_rows = None  # rows kept when the probes are dropped (after the last check)
+        rows_ahead: list[list[int]] = []  # the query rows the layers will index
         if cheap:
             rows_ahead.append(_tail_rows(cu, qrows))
+            start_cu = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)])
             if any(probes):
-                rows_ahead.append(_kept_rows(_cumsum([min(t, n) for t, n in zip(cheap_take, lens)]),
-                                             probes))
+                drop_rows = _kept_rows(start_cu, probes)
+                start_cu = _cumsum(_tail_dropped(start_cu, probes))
+        takes, phase_cu = {}, [start_cu]
         for layer in sorted(checks):
             c = phase_cu[-1]
             if cfg.selection in ("query", "hybrid") and any(qrows):
@@ -178,9 +178,11 @@ class Blender:
                             for nf, nc in zip(n_forced, n_cached)]
             c = _cumsum([min(t, c[b + 1] - c[b]) for b, t in enumerate(takes[layer])])
             if layer == max(checks) and any(probes):  # probes: no use past the last check
-                rows_ahead.append(_kept_rows(c, probes))
+                drop_rows = _kept_rows(c, probes)
                 c = _cumsum(_tail_dropped(c, probes))
             phase_cu.append(c)
+        if drop_rows is not None:
+            rows_ahead.append(drop_rows)
         final = phase_cu[-1]
         out_rows = [i for b, o in enumerate(outs) for i in range(final[b + 1] - o, final[b + 1])]
         if device.type == "cuda":
@@ -211,9 +213,8 @@ class Blender:
             if trace is not None:
                 trace.deviation[max(cfg.check_layers)] = (pos.cpu(), score.float().cpu())
             ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
-            if any(probes):  # the probe pass was their only use
-                c = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)])
-                rows = to_device(_kept_rows(c, probes), device)
+            if drop_rows is not None:  # the probe pass was their only use
+                rows = to_device(drop_rows, device)
                 ids, pos, slots, forced = ids[rows], pos[rows], slots[rows], forced[rows]
                 qrows = outs
         h = a.embed(ids)
@@ -235,11 +236,8 @@ class Blender:
                     trace.deviation[layer] = (act_pos.cpu(), d.float().cpu())
                 phase += 1
                 act_cu = phase_cu[phase]
-                if layer == max(checks) and any(probes):  # drop the probes: keep the rest
-                    c = _cumsum([min(t, n) for t, n in zip(
-                        takes[layer], [phase_cu[phase - 1][b + 1] - phase_cu[phase - 1][b]
-                                       for b in range(len(seqs))])])
-                    keep = keep[to_device(_kept_rows(c, probes), device)]
+                if layer == max(checks) and drop_rows is not None:  # drop the probes
+                    keep = keep[to_device(drop_rows, device)]
                     qrows = outs
                 h, q, k, v = h[keep], q[keep], k[keep], v[keep]
                 act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
