@@ -25,7 +25,6 @@ path does not, so r=1.0 matches plain GPU vLLM within bf16 tolerance.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -197,8 +196,6 @@ class VllmLlamaAdapter(ModelAdapter):
 
 def _cuda_ops_available(layer: torch.nn.Module) -> bool:
     """vLLM's fused CUDA ops are loaded and the layer has the shape they serve."""
-    if os.environ.get("CACHEBLEND_VLLM_NATIVE_OPS") == "1":  # the module path, for comparison
-        return False
     try:
         ops = torch.ops._C
         have = all(hasattr(ops, op) for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul"))
