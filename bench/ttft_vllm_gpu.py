@@ -16,10 +16,13 @@ Issue 11's benchmark, run on the lent H200 (`bash tools/gpu/device.sh bench`, do
   CUDA graphs, prefix caching, chunked prefill); max_model_len 40000.
 - TTFT = wall time of a 1-token `generate`, median of `--runs` interleaved runs after
   `--warmup` runs. `concurrent`: 16 requests at once over a shared pool of 24 chunks (8 per
-  request), prompt tokens per second. `breakdown`: a fourth engine (host tier) with
-  `trace_dir` set, started after the others are gone; medians of the traces' `timings_ms`
-  (whatever the worker records: today `fetch`, `host`, `blend` and `load`, GPU-event times
-  for the last two; `step` if it comes), and TTFT minus the blend.
+  request), prompt tokens per second. `cheap` rows: the host engine under the cheap selection
+  (`CHEAP`, per request), interleaved with the others. `breakdown`: a fourth engine (host
+  tier) with `trace_dir` set, started after the others are gone; medians of the traces'
+  `timings_ms`: `to_worker` (generate() to the worker's start_load_kv: scheduling and the
+  hop to the worker), `prep` (store fetch, planning, queueing the copies), `blend` and `load`
+  (GPU-event spans), `host` (the blend's host time); `after_blend_ms` is the rest of TTFT
+  (vLLM's question step, sampling, the way back).
 
     python bench/ttft_vllm_gpu.py [--runs 5] [--warmup 2] [--out bench/results/ttft_vllm_gpu.json]
 """
@@ -48,7 +51,10 @@ MAX_MODEL_LEN = 40000
 N_CHUNKS = 8
 QUESTION_TOKENS = 64
 POOL_CHUNKS, POOL_CHUNK_TOKENS, CONCURRENT = 24, 512, 16
-TARGETS = {"8k_host": 4.0, "32k_host": 5.0}
+TARGETS = {"8k_host": 4.0, "32k_host": 5.0, "32k_cheap": 8.0}
+# Issue 13's cheap mode as measured on the prose prompts (compute 0.071): no full-token check
+# layer; the question's attention at layer 4 over the cached KV picks 4.5% of the context.
+CHEAP = {"selection": "cheap", "check_layers": [4], "recomp_ratio": 0.045, "sink_tokens": 4}
 
 
 def home() -> Path:
@@ -118,8 +124,10 @@ def worker(kind: str, model: str, store: str | None, trace_dir: str | None, util
         sys.stdout.write(MARK + json.dumps(msg) + "\n")
         sys.stdout.flush()
 
-    def prompt(ids, spans):
-        return blend.BlendPrompt(ids, spans) if kind != "plain" else {"prompt_token_ids": ids}
+    def prompt(ids, spans, meta=None):
+        if kind == "plain":
+            return {"prompt_token_ids": ids}
+        return blend.BlendPrompt(ids, spans, cache_fuse_metadata=meta)
 
     say(op="ready", start_s=round(time.time() - t, 1))
     for line in sys.stdin:
@@ -135,12 +143,13 @@ def worker(kind: str, model: str, store: str | None, trace_dir: str | None, util
             n = blend.precompute(llm, cmd["chunks"]) if kind != "plain" else {}
             say(op=op, s=round(time.perf_counter() - t, 2), **n)
         elif op == "run":  # one or more prompts in one generate call
-            ps = [prompt(ids, spans) for ids, spans in cmd["prompts"]]
+            ps = [prompt(ids, spans, cmd.get("meta")) for ids, spans in cmd["prompts"]]
+            t_unix = time.time()
             t = time.perf_counter()
             outs = llm.generate(ps, sp, use_tqdm=False)
             ms = (time.perf_counter() - t) * 1e3
             reps = [(o.kv_transfer_params or {}).get("blend") or {} for o in outs]
-            say(op=op, ms=ms, request_ids=[o.request_id for o in outs],
+            say(op=op, ms=ms, call_unix_ms=t_unix * 1e3, request_ids=[o.request_id for o in outs],
                 cached=[o.num_cached_tokens or 0 for o in outs],  # vLLM's + the connector's
                 local=[r.get("num_local", 0) for r in reps],  # vLLM's prefix cache alone
                 hit=[r.get("chunk_hit_tokens", 0) / max(1, r.get("chunk_tokens", 0))
@@ -262,6 +271,8 @@ def main() -> None:
     ap.add_argument("--host-bytes", default="12GiB")
     ap.add_argument("--concurrent-reps", type=int, default=3)
     ap.add_argument("--breakdown", choices=("separate", "none"), default="separate")
+    ap.add_argument("--no-cheap", dest="cheap", action="store_false",
+                    help="leave out the cheap-selection rows")
     ap.add_argument("--budget-s", type=float, default=420,
                     help="skip the breakdown engine if this much time has passed")
     ap.add_argument("--model", default=None,
@@ -307,14 +318,19 @@ def main() -> None:
         pre = engines[tier].call(op="precompute", chunks=all_chunks)
         print(f"[bench] {tier}: precomputed {pre}", flush=True)
 
+    # Each run, interleaved: plain, the host tier, the GPU tier, and the host tier's engine
+    # under the cheap selection (a per-request cache_fuse_metadata; its own prefix-cache salt).
+    variants = {k: (k, None) for k in engines}
+    if args.cheap:
+        variants["cheap"] = ("host", CHEAP)
     rows, raw = [], {}
     for n in contexts:
-        times = {k: [] for k in engines}
-        hits = {k: [] for k in engines}
+        times = {k: [] for k in variants}
+        hits = {k: [] for k in variants}
         for i in range(args.warmup + args.runs):
             ids, spans = P.build(sets[n])
-            for k, e in engines.items():
-                r = e.call(op="run", prompts=[[ids, spans]])
+            for k, (ek, meta) in variants.items():
+                r = engines[ek].call(op="run", prompts=[[ids, spans]], meta=meta)
                 if k != "plain" and (not r["reports"] or r["local"][0] >= spans[-1][1] - 16):
                     print(f"[bench] warning: {k} run {i}: reports={r['reports']} "
                           f"prefix-cached={r['local']}")
@@ -323,13 +339,18 @@ def main() -> None:
                     hits[k].append(r["hit"][0])
         raw[n] = {"times_ms": {k: [round(x, 1) for x in v] for k, v in times.items()},
                   "prompt_tokens": len(ids), "context_tokens": spans[-1][1]}
-        for tier in ("host", "gpu"):
-            pm, bm = med(times["plain"]), med(times[tier])
-            rows.append({"context_tokens": spans[-1][1], "prompt_tokens": len(ids), "tier": tier,
+        for k in variants:
+            if k == "plain":
+                continue
+            pm, bm = med(times["plain"]), med(times[k])
+            rows.append({"context_tokens": spans[-1][1], "prompt_tokens": len(ids),
+                         "tier": variants[k][0],
+                         "selection": "cheap" if k == "cheap" else "deviation",
+                         "cache_fuse_metadata": {"recomp_ratio": args.ratio, **(CHEAP if k == "cheap" else {})},
                          "plain_ms": pm, "blend_ms": bm, "speedup": round(pm / bm, 2),
                          "plain_runs_ms": raw[n]["times_ms"]["plain"],
-                         "blend_runs_ms": raw[n]["times_ms"][tier],
-                         "chunk_hit_rate": min(hits[tier])})
+                         "blend_runs_ms": raw[n]["times_ms"][k],
+                         "chunk_hit_rate": min(hits[k])})
 
     conc = {"requests": args.concurrent, "pool_chunks": POOL_CHUNKS,
             "chunks_per_request": N_CHUNKS, "chunk_tokens": args.pool_chunk_tokens,
@@ -369,7 +390,10 @@ def main() -> None:
                 ids, spans = P.build(sets[n])
                 r = e.call(op="run", prompts=[[ids, spans]])
                 if i:
-                    per.append(trace_timings(tdir, r["request_ids"]))
+                    d = trace_timings(tdir, r["request_ids"])
+                    if "start_unix_ms" in d:  # the worker's clock is this machine's clock
+                        d["to_worker"] = d.pop("start_unix_ms") - r["call_unix_ms"]
+                    per.append(d)
                     ttft.append(r["ms"])
             keys = sorted({k for d in per for k in d if "." not in k})  # not per layer
             tm = {k: med([d[k] for d in per if k in d]) for k in keys}
@@ -378,6 +402,9 @@ def main() -> None:
                 entry["rest_of_step_ms"] = round(tm["step"] - tm.get("load", 0) - tm.get("blend", 0), 2)
             if "blend" in tm:  # GPU time of the blend (its layer copies overlap it)
                 entry["ttft_minus_blend_ms"] = round(entry["ttft_ms_traced"] - tm["blend"], 2)
+                if "to_worker" in tm and "prep" in tm:  # what is left: vLLM's question step
+                    entry["after_blend_ms"] = round(entry["ttft_ms_traced"] - tm["to_worker"]
+                                                    - tm["prep"] - tm["blend"], 2)
             breakdown[str(raw[n]["context_tokens"])] = entry
         e.close()
 

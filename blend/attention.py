@@ -1,8 +1,10 @@
 """Attention-backend registry: which implementation of the blend ops to run.
 
 `torch` is the plain-PyTorch reference path (SDPA with an explicit mask) used
-on CPU and as ground truth; `triton` runs the kernels in `blend.triton_kernels`
-and is the default on CUDA. Every backend offers the same five ops with the
+on CPU and as ground truth; `triton` runs the kernels in `blend.triton_kernels`;
+`flash` is `triton` with vLLM's FlashAttention 3 doing the unmasked bulk of the
+attention (`blend.triton_kernels.flash`), the default on CUDA where FA3 runs
+(Hopper, a vLLM CUDA build). Every backend offers the same ops with the
 reference signatures, so the blender never branches on the backend.
 """
 
@@ -27,6 +29,12 @@ class BlendOps:
     select: Callable     # hkvd_select(dev, forced, cu_tokens, num_take)
     fuse_kv: Callable    # fuse_kv(k_cache, v_cache, slots, k_new, v_new)
     rerotate_k: Callable  # rerotate_k(k_cache, slots, delta, cos_sin, is_neox)
+    # attention where each request's queries are all its last positions (a causal prefill):
+    # same arguments; None = `attention` serves that case too.
+    attention_dense: Callable | None = None
+
+    def attend(self, dense: bool) -> Callable:
+        return self.attention_dense if dense and self.attention_dense else self.attention
 
 
 def _torch_ops() -> BlendOps:
@@ -43,7 +51,16 @@ def _triton_ops() -> BlendOps:
                     deviation.hkvd_select, kv_fusion.fuse_kv, rope.rerotate_k)
 
 
-_BACKENDS: dict[str, Callable[[], BlendOps]] = {"torch": _torch_ops, "triton": _triton_ops}
+def _flash_ops() -> BlendOps:
+    from blend.triton_kernels import deviation, flash, kv_fusion, rope
+
+    return BlendOps("flash", flash.flash_selected_attention, deviation.token_deviation,
+                    deviation.hkvd_select, kv_fusion.fuse_kv, rope.rerotate_k,
+                    attention_dense=flash.flash_dense_attention)
+
+
+_BACKENDS: dict[str, Callable[[], BlendOps]] = {"torch": _torch_ops, "triton": _triton_ops,
+                                                "flash": _flash_ops}
 _cache: dict[str, BlendOps] = {}
 
 
@@ -57,15 +74,24 @@ def available() -> list[str]:
 
 
 def get_ops(name: str = "auto", device: torch.device | str | None = None) -> BlendOps:
-    """Resolve a backend name; `auto` is triton on CUDA (if it imports), torch elsewhere."""
+    """Resolve a backend name; `auto` is flash on CUDA where FA3 runs, else triton (if it
+    imports), torch elsewhere. `flash` without FA3 runs as triton."""
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"
         name = "triton" if on_cuda and _triton_importable() else "torch"
+        if name == "triton" and _flash_available():
+            name = "flash"
     if name not in _BACKENDS:
         raise ValueError(f"attention_backend {name!r} not in {available()}")
     if name not in _cache:
         _cache[name] = _BACKENDS[name]()
     return _cache[name]
+
+
+def _flash_available() -> bool:
+    from blend.triton_kernels.flash import flash_varlen
+
+    return flash_varlen() is not None
 
 
 def _triton_importable() -> bool:

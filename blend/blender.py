@@ -257,7 +257,11 @@ class Blender:
                 q_cu = act_cu
             if trace is not None:  # the last layer computes only K/V for context tokens: count it
                 trace.token_layers += act_cu[-1] - sum(qrows)
-            o = ops.attention(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens, a.scale)
+            # Dense: every position of each request is a query (the layers before the first
+            # check, a plain prefill), or only its tail (the output rows of the last layer).
+            dense = (phase == 0 and not cheap) or layer == last
+            o = ops.attend(dense)(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens,
+                                  a.scale)
             h = a.finish_layer(layer, h, o)
             if layer == last:
                 logits = a.logits(h)
@@ -289,8 +293,8 @@ class Blender:
                 total = mass if total is None else [t + m for t, m in zip(total, mass)]
             if layer == max(self.config.check_layers):
                 break
-            h = a.finish_layer(layer, h, ops.attention(q, k_cache, v_cache, q_pos, cu,
-                                                       block_table, seq_lens, a.scale))
+            h = a.finish_layer(layer, h, ops.attend(True)(q, k_cache, v_cache, q_pos, cu,
+                                                          block_table, seq_lens, a.scale))
         if trace is not None:  # question rows run twice: the probe is extra work
             trace.token_layers += (max(self.config.check_layers) + 1) * cu[-1]
         return [a.reduce_scores(t) for t in total]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 DEVIATIONS = ("v_l2", "k_l2", "k_l1", "kv_l2")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flash")
 SELECTIONS = ("deviation", "query", "hybrid", "cheap")
 
 
@@ -35,7 +35,8 @@ class BlendConfig:
                    query (the question's attention to them), hybrid (both,
                    normalized and summed), cheap (no full-token check layer).
     query_weight:  hybrid only: weight of the query term against deviation.
-    attention_backend: auto (triton on CUDA, torch otherwise), torch, triton.
+    attention_backend: auto (flash on CUDA where FA3 runs, else triton; torch on CPU),
+                   torch, triton, flash.
     """
 
     recomp_ratio: float = 0.15

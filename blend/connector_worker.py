@@ -333,6 +333,7 @@ class BlendWorker:
     def _run(self, requests: list[BlendRequest]) -> tuple | None:
         """Blend one batch; returns what its traces need when tracing is on."""
         t0 = time.perf_counter()
+        t_wall = time.time()
         blender = self._blender_for(requests[0].config)
         seqs, pieces, computed = [], [], set()
         fetch0 = self.stats.load_ms
@@ -353,6 +354,7 @@ class BlendWorker:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             events[0].record()
         hook = load.hook if trace is None or cuda else _timed(load.hook, trace)
+        prep_ms = (time.perf_counter() - t0) * 1e3
         with rf("cacheblend.blend"):
             out = blender.run(seqs, self.kv, blend=True, trace=trace, layer_hook=hook)
             load.finish(self.gpu_tier)
@@ -369,6 +371,8 @@ class BlendWorker:
         if trace is None:
             return None
         trace.timings_ms["fetch"] = fetch_ms
+        trace.timings_ms["prep"] = prep_ms  # fetch, plans, copies queued: before the blend
+        trace.timings_ms["start_unix_ms"] = t_wall * 1e3  # against the caller's clock
         trace.timings_ms["host"] = (time.perf_counter() - t0) * 1e3  # enqueue time on CUDA
         return requests, seqs, out.selected, trace, load, events
 

@@ -103,3 +103,36 @@ def test_qwen2_adapter_matches_model(qwen05_path):
     assert kl(full.logits, one.logits) < 1e-4
     args = ("Answer briefly.", chunks, "What is the capital of Germany?")
     assert hb.generate(*args, "full", 8) == hb.generate(*args, "blend", 8, {"recomp_ratio": 1.0})
+
+
+@pytest.mark.parametrize("meta", [{"recomp_ratio": 0.15}, {"recomp_ratio": 1.0},
+                                  {"selection": "hybrid", "check_layers": [1, 3],
+                                   "recomp_ratios": [0.35, 0.13]},
+                                  {"selection": "cheap", "check_layers": [4],
+                                   "recomp_ratio": 0.05}])
+def test_dense_attention_only_where_promised(smollm2_fp32, chunks, hb, meta):
+    # The flash backend runs one causal FA3 call where the blender says a phase is dense
+    # (each request's queries are its last positions, all of them). Check that promise on
+    # every such call, and that routing through it changes nothing.
+    from dataclasses import replace
+
+    from blend.attention import get_ops
+
+    ref = get_ops("torch")
+    calls = []
+
+    def dense(q, k_cache, v_cache, q_pos, cu_q, block_table, seq_lens, scale):
+        for b, n in enumerate(seq_lens):
+            got = q_pos[cu_q[b]:cu_q[b + 1]].tolist()
+            assert got == list(range(n - len(got), n)), "a dense call with non-dense queries"
+        calls.append(len(q_pos))
+        return ref.attention(q, k_cache, v_cache, q_pos, cu_q, block_table, seq_lens, scale)
+
+    model, tok = smollm2_fp32
+    checked = HFBlender(model, tok)
+    checked.blender.ops = replace(ref, attention_dense=dense)
+    checked.precompute(chunks)
+    got = checked.prefill(SYSTEM, chunks, QUESTION, "blend", meta)
+    want = hb.prefill(SYSTEM, chunks, QUESTION, "blend", meta)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    assert calls, "no phase was dense"

@@ -114,3 +114,94 @@ def test_gpu_contiguous_8k_heads_first():
     run_case(32, 8, 128, torch.bfloat16, lens=[8256], nsel=[1238], block_size=8256, seed=5)
     run_case(32, 8, 128, torch.bfloat16, lens=[3000, 2001], nsel=[450, 300], block_size=16,
              heads_first=True, seed=6)
+
+
+# --------------------------------------------------------------------------- prefix + band
+# The flash backend: FA3 attends each tile's keys up to its first query position, the kernel
+# only the masked band after them, merging the two softmax states. On the CPU the prefix
+# reference stands in for FA3; on the GPU FA3 itself runs where vLLM ships it.
+
+
+def run_prefix_case(hq, hkv, dim, dtype, lens, nsel, block_size, seed=0, dense=False):
+    from blend.triton_kernels.attention import prefix_attention_ref, tile_tokens
+
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc, table = paged_cache(lens, block_size, hkv, dim, dtype, DEV, gen=gen)
+    if dense:  # every position: the tiles' bands are their own diagonal blocks
+        pos = [torch.arange(n) for n in lens]
+        nsel = list(lens)
+    else:
+        pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
+    cu = [0]
+    for s in nsel:
+        cu.append(cu[-1] + s)
+    q_pos = torch.cat(pos).to(torch.int32).to(DEV)
+    q = torch.randn(cu[-1], hq, dim, generator=gen).to(dtype).to(DEV)
+    scale = dim ** -0.5
+    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, scale)
+    o, lse = prefix_attention_ref(q, kc, vc, q_pos, cu, table, scale, tile_tokens(hq, hkv, dim))
+    got = selected_attention(q, kc, vc, q_pos, cu, table, lens, scale, out=o, prefix=(o, lse))
+    assert not got.isnan().any()
+    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("hq,hkv,dim", [(6, 2, 64), (7, 1, 64), (4, 4, 128)])
+def test_prefix_band_merge(hq, hkv, dim):
+    # Odd sizes, a request with one query, one with a query at position 0 (empty prefix tail).
+    run_prefix_case(hq, hkv, dim, torch.float32, lens=[61, 1, 37], nsel=[23, 1, 9],
+                    block_size=16, seed=hq + dim)
+
+
+def test_prefix_band_merge_dense_bf16():
+    run_prefix_case(6, 2, 64, torch.bfloat16, lens=[45, 18], nsel=None, block_size=8, seed=3,
+                    dense=True)
+
+
+def _flash():
+    from blend.triton_kernels.flash import flash_varlen
+
+    if flash_varlen() is None:
+        pytest.skip("vLLM's FA3 is not available here")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,dim", [(32, 8, 128), (28, 4, 128), (9, 3, 64), (14, 2, 64)])
+def test_gpu_flash_selected(hq, hkv, dim):
+    from blend.triton_kernels.flash import flash_selected_attention
+
+    _flash()
+    gen = torch.Generator().manual_seed(hq)
+    lens, nsel = [4099, 1, 2500, 777], [615, 1, 377, 777]  # the last: every position
+    kc, vc, table = paged_cache(lens, 16, hkv, dim, torch.bfloat16, DEV, gen=gen)
+    pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
+    cu = [0]
+    for s in nsel:
+        cu.append(cu[-1] + s)
+    q_pos = torch.cat(pos).to(torch.int32).to(DEV)
+    q = torch.randn(cu[-1], hq, dim, generator=gen).to(torch.bfloat16).to(DEV)
+    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, dim ** -0.5)
+    for _ in range(2):  # the second call reuses the phase's tile metadata
+        got = flash_selected_attention(q, kc, vc, q_pos, cu, table, lens, dim ** -0.5)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < TOL[torch.bfloat16], err
+
+
+@pytest.mark.gpu
+def test_gpu_flash_dense_tail_and_whole():
+    # Dense: each request's queries are its last positions (all of them, or only the tail).
+    from blend.triton_kernels.flash import flash_dense_attention
+
+    _flash()
+    gen = torch.Generator().manual_seed(7)
+    lens, nq = [3001, 64, 530], [3001, 64, 17]
+    kc, vc, table = paged_cache(lens, 16, 8, 128, torch.bfloat16, DEV, gen=gen)
+    q_pos = torch.cat([torch.arange(n - k, n) for n, k in zip(lens, nq)]).to(torch.int32).to(DEV)
+    cu = [0]
+    for k in nq:
+        cu.append(cu[-1] + k)
+    q = torch.randn(cu[-1], 32, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, 128 ** -0.5)
+    got = flash_dense_attention(q, kc, vc, q_pos, cu, table, lens, 128 ** -0.5)
+    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < TOL[torch.bfloat16], err

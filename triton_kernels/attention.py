@@ -126,7 +126,7 @@ def _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, lo, hi, kv_end,
 
 # Sizes that change from run to run are not specialised (Triton would compile a variant per
 # "== 1" and "% 16 == 0" case of each, mid-serving); the split count is a runtime value too.
-@triton.jit(do_not_specialize=["num_reqs", "n_q", "s_btb", "num_splits"])
+@triton.jit(do_not_specialize=["num_reqs", "n_q", "s_btb", "s_lh", "num_splits"])
 def _selected_attention_kernel(
     Q, K, V, Out, QPOS, CU_Q, BT, SEQ_LENS,
     qk_scale,  # softmax scale * log2(e)
@@ -137,7 +137,8 @@ def _selected_attention_kernel(
     s_ot, s_oh, s_od,
     s_btb, s_btn,
     WS_M, WS_ACC,  # split-KV partials: [splits, Nq, Hq] and [splits, Nq, Hq, D_PAD] fp32
-    num_splits, SPLIT: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
+    PO, LSE, s_pt, s_ph, s_pd, s_lh, s_lt,  # PREFIX: the keys-before-the-tile state to merge
+    num_splits, SPLIT: tl.constexpr, PREFIX: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -201,10 +202,16 @@ def _selected_attention_kernel(
         per = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
         k_lo = split * per
         k_hi = tl.minimum(k_lo + per, kv_end)
+    elif PREFIX:  # keys [0, min_pos] were attended elsewhere (flash): only the band is left
+        k_lo = tl.minimum(min_pos + 1, kv_end)
+        k_hi = kv_end
     else:
         k_lo = 0
         k_hi = kv_end
-    k_mid = tl.maximum(tl.minimum(full_end, k_hi), k_lo)  # [k_lo, k_mid) needs no mask
+    if PREFIX:
+        k_mid = k_lo
+    else:
+        k_mid = tl.maximum(tl.minimum(full_end, k_hi), k_lo)  # [k_lo, k_mid) needs no mask
     m_i, l_i, acc = _attend(acc, m_i, l_i, q, qpos, kbase, vbase, bt_row, k_lo, k_mid, kv_end,
                             qk_scale, block_size, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_btn,
                             False, BLOCK_N, D_PAD, HEAD_DIM, ONE_BLOCK, PAGE, IEEE)
@@ -217,6 +224,20 @@ def _selected_attention_kernel(
         tl.store(WS_M + 2 * r, m_i, mask=row_ok)
         tl.store(WS_M + 2 * r + 1, l_i, mask=row_ok)
         tl.store(WS_ACC + r[:, None] * D_PAD + d[None, :], acc, mask=row_ok[:, None])
+    elif PREFIX:
+        # Merge with the prefix's normalised output and natural-log LSE (log2 units here).
+        lse_a = tl.load(LSE + head * s_lh + tok * s_lt, mask=row_ok, other=-1.0e30) * 1.4426950408889634
+        lse_a = tl.maximum(lse_a, -1.0e30)  # an empty prefix reports -inf
+        o_a = tl.load(PO + tok[:, None] * s_pt + head[:, None] * s_ph + d[None, :] * s_pd,
+                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        lse_b = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), -1.0e30)
+        m_all = tl.maximum(lse_a, lse_b)
+        w_a = tl.math.exp2(lse_a - m_all)
+        w_b = tl.math.exp2(m_i - m_all)  # acc and l_i are scaled by 2^-m_i
+        den = w_a + w_b * l_i
+        acc = (o_a * w_a[:, None] + acc * w_b[:, None]) / tl.where(den > 0, den, 1.0)[:, None]
+        tl.store(Out + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
+                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(Out + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
@@ -281,6 +302,41 @@ def _config(head_dim: int, group: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 2
 
 
+def tile_tokens(num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Query tokens per kernel tile (all `G` heads of one KV head share its M rows)."""
+    group = num_q_heads // num_kv_heads
+    return max(1, _config(head_dim, group)[0] // group)
+
+
+def prefix_tiles(cu_q: Sequence[int], tok: int) -> tuple[list[int], list[int]]:
+    """The kernel's tiles as varlen sequences: (cu of tile starts and ends, request of each)."""
+    cu, req = [0], []
+    for b in range(len(cu_q) - 1):
+        for t in range(cu_q[b], cu_q[b + 1], tok):
+            cu.append(min(t + tok, cu_q[b + 1]))
+            req.append(b)
+    return cu, req
+
+
+def prefix_attention_ref(q, k_cache, v_cache, q_pos, cu_q, block_table, scale, tok):
+    """What `prefix=` expects, in plain PyTorch: per tile of `prefix_tiles`, attention over
+    keys `[0, first query position]` (no mask inside), as `(o, lse)`."""
+    o = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32,
+                     device=q.device)
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    cu, req = prefix_tiles(list(cu_q), tok)
+    for t, b in enumerate(req):
+        lo, hi = cu[t], cu[t + 1]
+        n = int(q_pos[lo]) + 1
+        k = gather_tokens(k_cache, block_table[b], n).float().repeat_interleave(hq // hkv, 1)
+        v = gather_tokens(v_cache, block_table[b], n).float().repeat_interleave(hq // hkv, 1)
+        s = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k) * scale
+        lse[:, lo:hi] = torch.logsumexp(s, -1)
+        o[lo:hi] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).to(q.dtype)
+    return o, lse
+
+
 def selected_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -293,6 +349,7 @@ def selected_attention(
     config: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton version of `selected_attention_ref` (same arguments, same result).
 
@@ -300,6 +357,11 @@ def selected_attention(
     travel through pinned memory without a device sync. `config` overrides the
     tile shape (benchmarks only); `out` (shaped like `q`) receives the result;
     `num_splits` forces the split-KV count (chosen from the grid size otherwise).
+
+    `prefix=(o, lse)`: each tile's keys up to its first query's position are
+    already attended (`o` `[Nq, Hq, D]` normalised, `lse` `[Hq, Nq]` natural log,
+    as flash attention returns them over the tiles of `prefix_tiles`); the kernel
+    attends only the masked band after them and merges. `o` may be `out`.
     """
     nq, hq, dim = q.shape
     hkv = k_cache.shape[2]
@@ -315,7 +377,7 @@ def selected_attention(
     cu_q_t = to_device(cu_q, dev)
     seq_t = to_device(seq_lens, dev)
     programs = (nq // tok + nreq) * hkv
-    splits = num_splits or _num_splits(dev, programs, seq_lens)
+    splits = 1 if prefix is not None else num_splits or _num_splits(dev, programs, seq_lens)
     d_pad = triton.next_power_of_2(dim)
     if splits > 1:
         ws_m = torch.empty((splits, nq, hq, 2), dtype=torch.float32, device=dev)
@@ -329,8 +391,10 @@ def selected_attention(
         q, k_cache, v_cache, out, q_pos, cu_q_t, block_table, seq_t,
         scale * LOG2E, nreq, nq, k_cache.shape[1],
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *block_table.stride(), ws_m, ws_acc, splits,
-        SPLIT=splits > 1, NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
+        *block_table.stride(), ws_m, ws_acc,
+        *((prefix[0], prefix[1], *prefix[0].stride(), *prefix[1].stride()) if prefix is not None
+          else (out, out, 0, 0, 0, 0, 0)),
+        splits, SPLIT=splits > 1, PREFIX=prefix is not None, NUM_KV=hkv, G=group, TOK=tok, BLOCK_M=bm, BLOCK_N=bn,
         HEAD_DIM=dim, D_PAD=d_pad,
         ONE_BLOCK=one_block, PAGE=page,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
