@@ -179,11 +179,40 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
+        self._warm_up()  # everywhere, so that CI runs it; on the CPU it compiles nothing
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
                  "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
                  adapter.num_layers, self.block_size, backend, self.blender.ops.name,
                  "vllm-cuda" if getattr(adapter, "fast", False) else "modules",
                  type(self.store).__name__, gpu_bytes / (1 << 30))
+
+    def _warm_up(self) -> None:
+        """One small blend on a scratch cache, so that the Triton kernels compile now and
+        not inside the first request (seconds, seen as a multi-second TTFT outlier)."""
+        from blend.chunk_kv import Placement, compute_chunk_kv, layer_loader
+        from blend.kv import PagedKV
+
+        t0 = time.perf_counter()
+        a, bs = self.blender.adapter, self.block_size
+        n = 3 * bs + 5  # several blocks, a partial last one: the serving specialisations
+        gen = torch.Generator().manual_seed(0)
+        ids = [torch.randint(10, 1000, (n,), generator=gen) for _ in range(2)]
+        kvs = [compute_chunk_kv(self.blender, t.tolist()) for t in ids]
+        kv = PagedKV(a.num_layers, -(-(2 * n + 8) // bs) + 1, bs, a.num_kv_heads, a.head_dim,
+                     a.dtype, a.device)
+        row = kv.allocate(2 * n + 8)
+        dev = torch.device(a.device)
+        places = [Placement(c, torch.as_tensor(slots_for(row, torch.arange(s, s + n), bs),
+                                               device=dev), s)
+                  for c, s in zip(kvs, (4, 4 + n))]
+        tokens = torch.cat([torch.tensor([1, 2, 3, 4]), *ids, torch.arange(20, 24)])
+        forced = torch.ones(tokens.numel(), dtype=torch.bool)
+        forced[4:4 + 2 * n] = False
+        self.blender.run([BlendSeq(tokens, 0, row, forced)], kv, blend=True,
+                         layer_hook=layer_loader(self.blender, kv, places))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        log.info("warm-up blend: kernels ready in %.1f s", time.perf_counter() - t0)
 
     def _backend_name(self, layer_name: str) -> str:
         layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
