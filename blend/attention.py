@@ -2,10 +2,11 @@
 
 `torch` is the plain-PyTorch reference path (SDPA with an explicit mask) used
 on CPU and as ground truth; `triton` runs the kernels in `blend.triton_kernels`;
-`flash` is `triton` with vLLM's FlashAttention 3 doing the unmasked bulk of the
-attention (`blend.triton_kernels.flash`), the default on CUDA where FA3 runs
-(Hopper, a vLLM CUDA build). Every backend offers the same ops with the
-reference signatures, so the blender never branches on the backend.
+`flash` (opt-in) is `triton` with vLLM's FlashAttention 3 doing the unmasked
+bulk of the attention (`blend.triton_kernels.flash`). On the H200 it measured no
+faster than `triton` inside vLLM (bench/notes/ttft_vllm_gpu.md), so `auto`
+stays `triton` on CUDA. Every backend offers the same ops with the reference
+signatures, so the blender never branches on the backend.
 """
 
 from __future__ import annotations
@@ -74,24 +75,16 @@ def available() -> list[str]:
 
 
 def get_ops(name: str = "auto", device: torch.device | str | None = None) -> BlendOps:
-    """Resolve a backend name; `auto` is flash on CUDA where FA3 runs, else triton (if it
-    imports), torch elsewhere. `flash` without FA3 runs as triton."""
+    """Resolve a backend name; `auto` is triton on CUDA (if it imports), torch elsewhere.
+    `flash` without FA3 runs as triton."""
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"
         name = "triton" if on_cuda and _triton_importable() else "torch"
-        if name == "triton" and _flash_available():
-            name = "flash"
     if name not in _BACKENDS:
         raise ValueError(f"attention_backend {name!r} not in {available()}")
     if name not in _cache:
         _cache[name] = _BACKENDS[name]()
     return _cache[name]
-
-
-def _flash_available() -> bool:
-    from blend.triton_kernels.flash import flash_varlen
-
-    return flash_varlen() is not None
 
 
 def _triton_importable() -> bool:

@@ -257,9 +257,10 @@ class Blender:
                 q_cu = act_cu
             if trace is not None:  # the last layer computes only K/V for context tokens: count it
                 trace.token_layers += act_cu[-1] - sum(qrows)
-            # Dense: every position of each request is a query (the layers before the first
-            # check, a plain prefill), or only its tail (the output rows of the last layer).
-            dense = (phase == 0 and not cheap) or layer == last
+            # Dense: every position of each request is a query (before the first check, in a
+            # plain prefill, or after checks that kept everything, as at r=1), or only its tail
+            # (the output rows of the last layer).
+            dense = act_cu == cu or layer == last
             o = ops.attend(dense)(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens,
                                   a.scale)
             h = a.finish_layer(layer, h, o)

@@ -35,8 +35,7 @@ class BlendConfig:
                    query (the question's attention to them), hybrid (both,
                    normalized and summed), cheap (no full-token check layer).
     query_weight:  hybrid only: weight of the query term against deviation.
-    attention_backend: auto (flash on CUDA where FA3 runs, else triton; torch on CPU),
-                   torch, triton, flash.
+    attention_backend: auto (triton on CUDA, torch otherwise), torch, triton, flash.
     """
 
     recomp_ratio: float = 0.15

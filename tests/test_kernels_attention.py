@@ -205,3 +205,21 @@ def test_gpu_flash_dense_tail_and_whole():
     got = flash_dense_attention(q, kc, vc, q_pos, cu, table, lens, 128 ** -0.5)
     err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < TOL[torch.bfloat16], err
+
+
+def test_flash_backend_without_fa3_runs_the_kernel():
+    # Where vLLM's FA3 is absent (here, the CPU), `flash` is the Triton path, same result.
+    from blend.attention import get_ops
+    from blend.triton_kernels.flash import flash_varlen
+
+    if flash_varlen() is not None:
+        pytest.skip("FA3 present: the GPU tests cover it")
+    gen = torch.Generator().manual_seed(21)
+    lens, nsel = [29, 40], [7, 40]
+    kc, vc, table = paged_cache(lens, 8, 2, 64, torch.float32, DEV, gen=gen)
+    q_pos = torch.cat([sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]).int().to(DEV)
+    q = torch.randn(sum(nsel), 6, 64, generator=gen).to(DEV)
+    cu = [0, nsel[0], sum(nsel)]
+    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, 0.125)
+    got = get_ops("flash").attention(q, kc, vc, q_pos, cu, table, lens, 0.125)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
