@@ -20,6 +20,8 @@ setup(
     python_requires=">=3.10",
     packages=[
         "blend",
+        "blend.cli",
+        "blend.connector",
         "blend.models",
         "blend.store",
         "blend.triton_kernels",

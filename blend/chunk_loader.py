@@ -3,7 +3,7 @@
 The load sits on TTFT's critical path, so it is designed rather than left to
 `.to(device)` (DESIGN.md §3, "How chunk KV reaches the GPU"):
 
-* tiers: a byte-bounded GPU tier (`DeviceTier`, no copy at all), then the
+* tiers: a byte-bounded GPU tier (`blend.store.gpu_tier`, no copy at all), then the
   store's pinned host tier, then disk or UCM (`ChunkStore.fetch`);
 * each host-resident chunk gets a device buffer; its layer `l` is one async
   DMA from pinned memory on a side stream. The copies are queued at the first
@@ -29,35 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from blend.log import get_logger
-from blend.store.memory import MemoryTier
+from blend.store.gpu_tier import DeviceTier
 from blend.triton_kernels._paged import to_device
 
-GiB = 1 << 30
 log = get_logger("Connector")
-
-
-class DeviceTier(MemoryTier):
-    """Byte-bounded LRU of chunk KV already on the GPU (the worker's, in front of any store)."""
-
-
-def resolve_gpu_bytes(value: int | str, device: torch.device) -> int:
-    """The GPU tier's size, checked against the memory vLLM left free.
-
-    Runs after vLLM allocated its KV cache: what is free then is the memory
-    outside `gpu_memory_utilization`, which activations and this tier share.
-    "auto" takes a quarter of what is free above 4 GiB, at most 4 GiB.
-    """
-    if device.type != "cuda":
-        return 0
-    free, _ = torch.cuda.mem_get_info(device)
-    if value == "auto":
-        return int(min(4 * GiB, max(0, free - 4 * GiB) // 4))
-    if value > free - 2 * GiB:
-        raise ValueError(
-            f"store.gpu_bytes: {value / GiB:.1f} GiB does not fit: {free / GiB:.1f} GiB of device "
-            "memory is free after vLLM's KV cache and 2 GiB stay for activations; allowed "
-            f"0..{max(0, free - 2 * GiB) / GiB:.1f} GiB (or lower gpu_memory_utilization)")
-    return int(value)
 
 
 @dataclass

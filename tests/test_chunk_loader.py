@@ -10,19 +10,14 @@ from test_rope_exact import ROPES, tiny_llama
 
 from blend.blender import Blender, BlendSeq
 from blend.chunk_kv import compute_chunk_kv
-from blend.chunk_loader import (
-    DeviceTier,
-    LayerLoad,
-    Piece,
-    resolve_gpu_bytes,
-    source_for,
-)
+from blend.chunk_loader import LayerLoad, Piece, source_for
 from blend.config import BlendConfig
-from blend.connector_meta import BlendRequest
-from blend.connector_worker import _by_tokens
+from blend.connector.metadata import BlendRequest
+from blend.connector.worker import _by_tokens
 from blend.kv import PagedKV, slots_for
 from blend.models import adapter_for
 from blend.store import open_store
+from blend.store.gpu_tier import DeviceTier, resolve_gpu_bytes
 from blend.store.spec import MAX_MEMORY, MIN_MEMORY, default_memory_bytes, parse
 from blend.triton_kernels.kv_fusion import fuse_kv_ref
 from blend.triton_kernels.rope import rerotate_k_ref

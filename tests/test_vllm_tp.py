@@ -85,7 +85,7 @@ def _plain(model: str, cases: dict, out: str) -> None:
 
 def _entries(llm, store: str, token_ids: list[int]) -> list:
     """The chunk's entry file in each rank's store (rank 0, rank 1)."""
-    from blend.connector_identity import vllm_fingerprint
+    from blend.connector.identity import vllm_fingerprint
     from blend.keys import chunk_key
     from blend.store import open_store
 

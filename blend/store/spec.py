@@ -6,7 +6,7 @@ Every problem is a ValueError naming the key and what is allowed.
 
 Defaults are sized from the machine (see `default_memory_bytes`): a 2 GiB host
 tier does not hold one 32k-token prompt of an 8B model (4.3 GB of chunk KV).
-`gpu_bytes` sizes the worker's GPU tier (`blend.chunk_loader.DeviceTier`),
+`gpu_bytes` sizes the worker's GPU tier (`blend.store.gpu_tier.DeviceTier`),
 which sits in front of every backend; "auto" is resolved in the worker once
 vLLM has taken its KV cache, because only then is the free memory known.
 """

@@ -5,9 +5,9 @@ Enable it with `blend.kv_transfer_config(...)`, or raw:
     KVTransferConfig(kv_connector="BlendConnector", kv_connector_module_path="blend.connector",
                      kv_role="kv_both", kv_connector_extra_config={...})
 
-Scheduler role (engine-core process): `connector_scheduler.BlendScheduler`
+Scheduler role (engine-core process): `scheduler.BlendScheduler`
 decides which tokens each request gets from the connector. Worker role
-(each worker): `connector_worker.BlendWorker` blends them into vLLM's paged
+(each worker): `worker.BlendWorker` blends them into vLLM's paged
 cache in `start_load_kv`, before the step's forward; vLLM then prefills the
 question. Loads are synchronous, so `wait_for_layer_load` has nothing to
 wait for; `save_kv_layer` is unused because chunk KV is computed standalone
@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from blend.api import check_extra_config
 from blend.config import BlendConfig
-from blend.connector_meta import BlendConnectorMetadata
+from blend.connector.metadata import BlendConnectorMetadata
 from blend.log import get_logger
 
 if TYPE_CHECKING:
@@ -76,8 +76,8 @@ class BlendConnector(KVConnectorBase_V1):
         self._scheduler = None
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
-            from blend.connector_identity import vllm_fingerprint
-            from blend.connector_scheduler import BlendScheduler
+            from blend.connector.identity import vllm_fingerprint
+            from blend.connector.scheduler import BlendScheduler
             from blend.store import open_store
 
             fp = vllm_fingerprint(vllm_config, 0)
@@ -86,7 +86,7 @@ class BlendConnector(KVConnectorBase_V1):
             log.info("scheduler ready: store %s, on_miss=%s, %s", extra.get("store"),
                      extra["on_miss"], self.config.to_dict())
         else:
-            from blend.connector_worker import BlendWorker
+            from blend.connector.worker import BlendWorker
 
             self._worker = BlendWorker(vllm_config, extra, self.config)
 

@@ -13,9 +13,9 @@ import runpy
 import sys
 from pathlib import Path
 
-from blend.cli_store import _positive
+from blend.cli.store import _positive
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 
 
 def _meta(v: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blend.config import BlendConfig
-from blend.connector_meta import BlendConnectorMetadata, BlendRequest, ChunkRef
+from blend.connector.metadata import BlendConnectorMetadata, BlendRequest, ChunkRef
 from blend.keys import chunk_key
 from blend.log import get_logger
 from blend.segments import (

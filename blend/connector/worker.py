@@ -30,21 +30,15 @@ import torch
 
 from blend.blender import Blender, BlendSeq, BlendTrace
 from blend.chunk_kv import compute_chunk_kv
-from blend.chunk_loader import (
-    ChunkSource,
-    DeviceTier,
-    LayerLoad,
-    Piece,
-    resolve_gpu_bytes,
-    source_for,
-)
+from blend.chunk_loader import ChunkSource, LayerLoad, Piece, source_for
 from blend.config import BlendConfig
-from blend.connector_identity import vllm_identity
-from blend.connector_kv import layer_views, probe_cpu_layout
-from blend.connector_meta import BlendRequest
+from blend.connector.identity import vllm_identity
+from blend.connector.kv_layout import layer_views, probe_cpu_layout
+from blend.connector.metadata import BlendRequest
 from blend.keys import chunk_key, model_fingerprint
 from blend.kv import slots_for
 from blend.log import get_logger
+from blend.store.gpu_tier import DeviceTier, resolve_gpu_bytes
 
 log = get_logger("Connector")
 
@@ -166,7 +160,7 @@ class BlendWorker:
         ops = None
         if backend == "CPU_ATTN" and self.config.attention_backend == "auto":
             # vLLM's own CPU kernel: the context KV then matches plain vLLM's (see the module).
-            from blend.connector_attention import VllmCpuAttention, vllm_cpu_ops
+            from blend.connector.cpu_attention import VllmCpuAttention, vllm_cpu_ops
 
             ops = vllm_cpu_ops(VllmCpuAttention(raw, self._isa, adapter.num_q_heads,
                                                 adapter.num_kv_heads, adapter.head_dim,

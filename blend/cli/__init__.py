@@ -87,7 +87,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     import runpy
 
     sys.argv = ["bench/ttft_vllm.py", *args.rest]
-    script = Path(__file__).resolve().parent.parent / "bench" / "ttft_vllm.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "ttft_vllm.py"
     if not script.is_file():
         raise SystemExit(f"cacheblend bench ttft: {script} not found (run from a source checkout)")
     runpy.run_path(str(script), run_name="__main__")
@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = bsub.add_parser("ttft", help="TTFT, plain vs blended prefill on real vLLM")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_bench_ttft)
-    from blend.cli_bench import add_quality_parser
-    from blend.cli_store import add_parsers
+    from blend.cli.bench import add_quality_parser
+    from blend.cli.store import add_parsers
 
     add_quality_parser(bsub)
     add_parsers(sub)
@@ -124,7 +124,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m blend.cli`: the `cacheblend` command."""
+
+import sys
+
+from blend.cli import main
+
+sys.exit(main())
