@@ -12,8 +12,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
-def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, seed=0,
-             device_lens=False, num_splits=None, config=None):
+def make_case(hq, hkv, dim, dtype, lens, nsel, block_size, seed=0, heads_first=False):
+    """A paged cache, sorted random query positions (`nsel[b] == lens[b]`: all of them),
+    queries, and the reference output."""
     gen = torch.Generator().manual_seed(seed)
     kc, vc, table = paged_cache(lens, block_size, hkv, dim, dtype, DEV, heads_first, gen=gen)
     pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
@@ -24,6 +25,13 @@ def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, see
     q = torch.randn(cu[-1], hq, dim, generator=gen).to(dtype).to(DEV)
     scale = dim ** -0.5
     ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, scale)
+    return kc, vc, table, q, q_pos, cu, scale, ref
+
+
+def run_case(hq, hkv, dim, dtype, lens, nsel, block_size, heads_first=False, seed=0,
+             device_lens=False, num_splits=None, config=None):
+    kc, vc, table, q, q_pos, cu, scale, ref = make_case(hq, hkv, dim, dtype, lens, nsel,
+                                                        block_size, seed, heads_first)
     out = torch.full_like(q, float("nan"))
     cu_arg = torch.tensor(cu, device=DEV, dtype=torch.int32) if device_lens else cu
     lens_arg = torch.tensor(lens, device=DEV, dtype=torch.int32) if device_lens else lens
@@ -122,23 +130,11 @@ def test_gpu_contiguous_8k_heads_first():
 # reference stands in for FA3; on the GPU FA3 itself runs where vLLM ships it.
 
 
-def run_prefix_case(hq, hkv, dim, dtype, lens, nsel, block_size, seed=0, dense=False):
+def run_prefix_case(hq, hkv, dim, dtype, lens, nsel, block_size, seed=0):
     from blend.triton_kernels.attention import prefix_attention_ref, tile_tokens
 
-    gen = torch.Generator().manual_seed(seed)
-    kc, vc, table = paged_cache(lens, block_size, hkv, dim, dtype, DEV, gen=gen)
-    if dense:  # every position: the tiles' bands are their own diagonal blocks
-        pos = [torch.arange(n) for n in lens]
-        nsel = list(lens)
-    else:
-        pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
-    cu = [0]
-    for s in nsel:
-        cu.append(cu[-1] + s)
-    q_pos = torch.cat(pos).to(torch.int32).to(DEV)
-    q = torch.randn(cu[-1], hq, dim, generator=gen).to(dtype).to(DEV)
-    scale = dim ** -0.5
-    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, scale)
+    kc, vc, table, q, q_pos, cu, scale, ref = make_case(hq, hkv, dim, dtype, lens, nsel,
+                                                        block_size, seed)
     o, lse = prefix_attention_ref(q, kc, vc, q_pos, cu, table, scale, tile_tokens(hq, hkv, dim))
     got = selected_attention(q, kc, vc, q_pos, cu, table, lens, scale, out=o, prefix=(o, lse))
     assert not got.isnan().any()
@@ -154,8 +150,8 @@ def test_prefix_band_merge(hq, hkv, dim):
 
 
 def test_prefix_band_merge_dense_bf16():
-    run_prefix_case(6, 2, 64, torch.bfloat16, lens=[45, 18], nsel=None, block_size=8, seed=3,
-                    dense=True)
+    # Every position selected: each tile's band is its own diagonal block.
+    run_prefix_case(6, 2, 64, torch.bfloat16, lens=[45, 18], nsel=[45, 18], block_size=8, seed=3)
 
 
 def _flash():
@@ -171,18 +167,11 @@ def test_gpu_flash_selected(hq, hkv, dim):
     from blend.triton_kernels.flash import flash_selected_attention
 
     _flash()
-    gen = torch.Generator().manual_seed(hq)
     lens, nsel = [4099, 1, 2500, 777], [615, 1, 377, 777]  # the last: every position
-    kc, vc, table = paged_cache(lens, 16, hkv, dim, torch.bfloat16, DEV, gen=gen)
-    pos = [sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]
-    cu = [0]
-    for s in nsel:
-        cu.append(cu[-1] + s)
-    q_pos = torch.cat(pos).to(torch.int32).to(DEV)
-    q = torch.randn(cu[-1], hq, dim, generator=gen).to(torch.bfloat16).to(DEV)
-    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, dim ** -0.5)
+    kc, vc, table, q, q_pos, cu, scale, ref = make_case(hq, hkv, dim, torch.bfloat16, lens,
+                                                        nsel, 16, seed=hq)
     for _ in range(2):  # the second call reuses the phase's tile metadata
-        got = flash_selected_attention(q, kc, vc, q_pos, cu, table, lens, dim ** -0.5)
+        got = flash_selected_attention(q, kc, vc, q_pos, cu, table, lens, scale)
         err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < TOL[torch.bfloat16], err
 
@@ -214,12 +203,7 @@ def test_flash_backend_without_fa3_runs_the_kernel():
 
     if flash_varlen() is not None:
         pytest.skip("FA3 present: the GPU tests cover it")
-    gen = torch.Generator().manual_seed(21)
-    lens, nsel = [29, 40], [7, 40]
-    kc, vc, table = paged_cache(lens, 8, 2, 64, torch.float32, DEV, gen=gen)
-    q_pos = torch.cat([sorted_positions(n, s, gen) for n, s in zip(lens, nsel)]).int().to(DEV)
-    q = torch.randn(sum(nsel), 6, 64, generator=gen).to(DEV)
-    cu = [0, nsel[0], sum(nsel)]
-    ref = selected_attention_ref(q, kc, vc, q_pos, cu, table, lens, 0.125)
-    got = get_ops("flash").attention(q, kc, vc, q_pos, cu, table, lens, 0.125)
+    kc, vc, table, q, q_pos, cu, scale, ref = make_case(6, 2, 64, torch.float32, [29, 40],
+                                                        [7, 40], 8, seed=21)
+    got = get_ops("flash").attention(q, kc, vc, q_pos, cu, table, [29, 40], scale)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
