@@ -339,14 +339,13 @@ def main() -> None:
                     hits[k].append(r["hit"][0])
         raw[n] = {"times_ms": {k: [round(x, 1) for x in v] for k, v in times.items()},
                   "prompt_tokens": len(ids), "context_tokens": spans[-1][1]}
-        for k in variants:
+        for k, (tier, meta) in variants.items():
             if k == "plain":
                 continue
             pm, bm = med(times["plain"]), med(times[k])
-            rows.append({"context_tokens": spans[-1][1], "prompt_tokens": len(ids),
-                         "tier": variants[k][0],
-                         "selection": "cheap" if k == "cheap" else "deviation",
-                         "cache_fuse_metadata": {"recomp_ratio": args.ratio, **(CHEAP if k == "cheap" else {})},
+            cfm = {"recomp_ratio": args.ratio, **(meta or {})}
+            rows.append({"context_tokens": spans[-1][1], "prompt_tokens": len(ids), "tier": tier,
+                         "selection": cfm.get("selection", "deviation"), "cache_fuse_metadata": cfm,
                          "plain_ms": pm, "blend_ms": bm, "speedup": round(pm / bm, 2),
                          "plain_runs_ms": raw[n]["times_ms"]["plain"],
                          "blend_runs_ms": raw[n]["times_ms"][k],

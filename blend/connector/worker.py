@@ -173,7 +173,8 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
-        self._warm_up()  # everywhere, so that CI runs it; on the CPU it compiles nothing
+        if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
+            self._warm_up()
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
                  "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
                  adapter.num_layers, self.block_size, backend, self.blender.ops.name,
