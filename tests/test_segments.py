@@ -105,3 +105,15 @@ def test_separator_needs_two_cuts(tok):
     assert SeparatorSplitter(tok, "\n###\n").spans(ids) == []
     ids = tok("sys\n###\nquestion only", add_special_tokens=False).input_ids
     assert SeparatorSplitter(tok, "\n###\n").spans(ids) == []
+
+
+def test_token_bytes_table_matches_per_call_decoding(tok):
+    """The splitter's cached per-id bytes give what per-call decoding gives, repeats included."""
+    from blend.segments import TokenBytes
+
+    text = "Héllo — wörld\n\n\tcafé 東京 😀 end. " * 3 + "<|im_start|>user\nHi<|im_end|>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    table = TokenBytes(tok)
+    for seq in (ids, ids[::-1]):  # the second from the cache
+        data, starts, ends = table.offsets(seq)
+        assert (data, list(zip(starts, ends))) == token_byte_spans(tok, seq)
