@@ -13,6 +13,7 @@ from blend.store.admission import (
     AlwaysAdmit,
     SecondSight,
     make_admission,
+    remember_for,
 )
 
 
@@ -108,3 +109,12 @@ def test_unknown_admit_value_names_the_key_and_the_allowed_values(value):
 def test_bad_bound_is_rejected(remember):
     with pytest.raises(ValueError, match="admit_remember"):
         make_admission("second_sight", remember)
+
+
+def test_remember_for_scales_with_the_tier_and_is_clamped():
+    mib64 = 64 << 20
+    assert remember_for(400 * mib64, mib64) == 800
+    assert remember_for(400 * mib64, mib64, times=1) == 400
+    assert remember_for(mib64, mib64) == 16
+    assert remember_for(1 << 50, mib64) == DEFAULT_REMEMBER
+    assert remember_for(400 * mib64, 0) == DEFAULT_REMEMBER

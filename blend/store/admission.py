@@ -91,6 +91,19 @@ class SecondSight(Admission):
         return d
 
 
+def remember_for(capacity_bytes: int, chunk_bytes: int, times: float = 2.0) -> int:
+    """A doorkeeper bound of `times` the chunks a tier of `capacity_bytes` holds.
+
+    A chunk that recurs only after more distinct misses than the tier holds would be
+    evicted before its reuse, so remembering it only costs a write; in
+    `bench/store_policy.py` a bound of 2x the tier's chunks hit as often as an
+    unbounded one (0.732 against 0.728) and wrote 2.6x less. Clamped to
+    [16, DEFAULT_REMEMBER].
+    """
+    n = int(times * capacity_bytes / max(1, chunk_bytes))
+    return max(16, min(DEFAULT_REMEMBER, n))
+
+
 def make_admission(admit: str = "always", remember: int = DEFAULT_REMEMBER) -> Admission:
     """The policy named by the config value `admit` (ValueError naming the allowed values)."""
     if admit == "always":
