@@ -48,6 +48,15 @@ COUNTERS: dict[str, tuple[str, str]] = {
                     "vllm:cacheblend_rank_misses"),
     "fallbacks": ("requests with chunks that fell back to plain prefill",
                   "vllm:cacheblend_fallbacks"),
+    "plain_prefills": ("requests with chunks left to vLLM's own prefill (too few hits)",
+                       "vllm:cacheblend_plain_prefills"),
+    "save_requested": ("chunks extracted from prompts for the store",
+                       "vllm:cacheblend_save_requests"),
+    "save_dropped": ("chunk saves dropped (the saver was over its bound)",
+                     "vllm:cacheblend_save_dropped"),
+    "store_evictions": ("host and disk tier evictions", "vllm:cacheblend_store_evictions"),
+    "scheduler_ms": ("milliseconds in the connector's scheduler side",
+                     "vllm:cacheblend_scheduler_milliseconds"),
 }
 _WORKER_KEYS = {"chunks": "chunk_lookups", "chunk_hits": "chunk_hits",
                 "chunk_tokens": "chunk_tokens", "chunk_hit_tokens": "chunk_hit_tokens",
@@ -56,7 +65,9 @@ _WORKER_KEYS = {"chunks": "chunk_lookups", "chunk_hits": "chunk_hits",
                 "stored_chunks": "stored_chunks", "bytes_loaded": "bytes_loaded",
                 "bytes_fetched": "bytes_fetched",
                 "load_ms": "load_ms", "blend_ms": "blend_ms", "gpu_hits": "gpu_hits",
-                "pinned_on_load": "pinned_on_load", "rank_misses": "rank_misses"}
+                "pinned_on_load": "pinned_on_load", "rank_misses": "rank_misses",
+                "save_requested": "save_requested", "save_dropped": "save_dropped",
+                "store_evictions": "store_evictions"}
 
 
 def empty() -> dict[str, Any]:
@@ -143,7 +154,7 @@ def collect(scheduler: Any = None, worker: Any = None) -> BlendStats | None:
     """This role's counters since the last call (None when nothing happened)."""
     d = empty()
     if worker is not None:
-        w = worker.stats.take()
+        w = worker.take_stats()
         for src, dst in _WORKER_KEYS.items():
             d[dst] += w.get(src, 0)
         if w.get("blend_ms"):
@@ -153,7 +164,8 @@ def collect(scheduler: Any = None, worker: Any = None) -> BlendStats | None:
         now = dict(scheduler.stats)
         prev = _prev.setdefault(scheduler, {}).get("counts", {})
         _prev[scheduler]["counts"] = now
-        d["fallbacks"] += now.get("fallbacks", 0) - prev.get("fallbacks", 0)
+        for k in ("fallbacks", "plain_prefills", "scheduler_ms"):
+            d[k] += now.get(k, 0) - prev.get(k, 0)
         for r, n in _store_error_delta(scheduler, getattr(scheduler, "store", None)).items():
             d["store_errors"][r] = d["store_errors"].get(r, 0) + n
     st = BlendStats(data=d)

@@ -177,6 +177,7 @@ def _sync_check(model: str, store: str, ids: list[int], spans: list, out_path: s
 
     assert os.environ.get("BLEND_SYNC_CHECK") == "1"
     ktc = blend.kv_transfer_config(store={"backend": "local", "path": store},
+                                   on_miss="compute", admit="always",
                                    cache_fuse_metadata={"recomp_ratio": 0.15})
     llm = LLM(model=model, kv_transfer_config=ktc, **ENGINE)
     outs = llm.generate([blend.BlendPrompt(ids, spans)],
@@ -220,7 +221,10 @@ def llm(smollm2_path, store_dir, reference):  # reference first: its engine is g
 
     import blend
 
+    # CacheBlend's own semantics (first sight computes standalone KV and stores it), as
+    # the CPU connector tests; the default miss path has its own test (test_h_*).
     ktc = blend.kv_transfer_config(store={"backend": "local", "path": store_dir},
+                                   on_miss="compute", admit="always",
                                    cache_fuse_metadata={"recomp_ratio": 0.15})
     t = time.time()
     engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def run(smollm2_path, tmp_path_factory):
               gpu_memory_utilization=0.3, enable_prefix_caching=False, disable_log_stats=False,
               kv_transfer_config=blend.kv_transfer_config(
                   store=f"local:{store}", cache_fuse_metadata={"recomp_ratio": 0.15},
-                  trace_dir=str(traces)))
+                  on_miss="compute", admit="always", trace_dir=str(traces)))
     tok = llm.get_tokenizer()
     sp = SamplingParams(max_tokens=4, temperature=0.0)
     P = _passages(6)
@@ -75,6 +76,9 @@ def run(smollm2_path, tmp_path_factory):
     (store / key[:2]).mkdir(exist_ok=True)
     shutil.copy(some, store / key[:2] / f"{key}.kv")
     outs["damaged"] = llm.generate(p, sp, use_tqdm=False)[0]
+    # Stores are written by the connector's saver thread and reported by a later step.
+    time.sleep(1.0)
+    llm.generate({"prompt_token_ids": tok("Hello").input_ids}, sp, use_tqdm=False)
     metrics = llm.get_metrics()
     yield {"metrics": metrics, "outs": outs, "prompts": prompts, "traces": traces,
            "kv_bytes_per_token": kv_bytes_per_token}

@@ -22,7 +22,7 @@ def test_preempted_blends_resume_correctly(smollm2_path, tmp_path):
     import blend
     from blend.device import shutdown_llm
 
-    ktc = blend.kv_transfer_config(store=f"local:{tmp_path}",
+    ktc = blend.kv_transfer_config(store=f"local:{tmp_path}", on_miss="compute",
                                    cache_fuse_metadata={"recomp_ratio": 1.0})
     llm = LLM(model=smollm2_path, dtype="float32", enforce_eager=True, max_model_len=2048,
               num_gpu_blocks_override=17, max_num_seqs=4, enable_prefix_caching=False,

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,8 @@ def _blend(model: str, cases: dict, store: str, traces: str, out: str) -> None:
     import blend
 
     # memory_bytes=1: every read goes to disk, where the injected fault is.
-    ktc = blend.kv_transfer_config(store={"path": store, "memory_bytes": 1}, trace_dir=traces)
+    ktc = blend.kv_transfer_config(store={"path": store, "memory_bytes": 1}, trace_dir=traces,
+                                   on_miss="compute", admit="always")
     llm = LLM(model=model, kv_transfer_config=ktc, **ENGINE)
     sp = SamplingParams(max_tokens=GEN, temperature=0.0)
 
@@ -133,7 +135,11 @@ def _blend(model: str, cases: dict, store: str, traces: str, out: str) -> None:
     before = [os.stat(p).st_ino for p in hit + other]
     res["fault"] = run([(ids, spans)])[0]
     # A recomputed chunk is stored again (a new file, by atomic rename), on each rank that
-    # recomputed it; a chunk placed from the store is left as it was.
+    # recomputed it; a chunk placed from the store is left as it was. The saver thread
+    # writes after the step: give it a moment.
+    deadline = time.time() + 20
+    while time.time() < deadline and [os.stat(p).st_ino for p in hit] == before[:len(hit)]:
+        time.sleep(0.1)
     res["fault"]["inodes_before"] = before
     res["fault"]["inodes_after"] = [os.stat(p).st_ino for p in hit + other]
     _save(out, res)

@@ -10,8 +10,10 @@ decides which tokens each request gets from the connector. Worker role
 (each worker): `worker.BlendWorker` blends them into vLLM's paged
 cache in `start_load_kv`, before the step's forward; vLLM then prefills the
 question. Loads are synchronous, so `wait_for_layer_load` has nothing to
-wait for; `save_kv_layer` is unused because chunk KV is computed standalone
-(a chunk's KV inside a blended prompt is contextual, not chunk KV).
+wait for. Saving is per chunk, not per layer: `wait_for_save` extracts the
+chunks the scheduler names (computed by vLLM or by the blend inside a prompt)
+once the step's forward is queued, and a thread writes them to the store
+(`connector/saver.py`).
 """
 
 from __future__ import annotations
@@ -79,10 +81,12 @@ class BlendConnector(KVConnectorBase_V1):
             from blend.connector.identity import vllm_fingerprint
             from blend.connector.scheduler import BlendScheduler
             from blend.store import open_store
+            from blend.store.admission import make_admission
 
             fp = vllm_fingerprint(vllm_config, 0)
             self._scheduler = BlendScheduler(extra, fp, open_store(extra.get("store"), fp),
-                                             tokenizer_loader=lambda: _tokenizer(vllm_config))
+                                             tokenizer_loader=lambda: _tokenizer(vllm_config),
+                                             admission=make_admission(extra["admit"]))
             log.info("scheduler ready: store %s, on_miss=%s, %s", extra.get("store"),
                      extra["on_miss"], self.config.to_dict())
         else:
@@ -104,11 +108,13 @@ class BlendConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        return  # chunk KV is computed standalone, never copied out of a blended prompt
+        return  # whole chunks are saved after the forward (wait_for_save)
 
     def wait_for_save(self) -> None:
         if self._worker is not None:
-            self._worker.wait_for_save()
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, BlendConnectorMetadata)
+            self._worker.wait_for_save(meta.saves)
 
     # ========================================================= scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
@@ -125,6 +131,12 @@ class BlendConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         return False, self._scheduler.request_finished(request)
+
+    def shutdown(self) -> None:
+        """Let the saver finish what is queued (bounded), so stored chunks outlive the engine."""
+        if self._worker is not None and self._worker.saver is not None:
+            self._worker.saver.flush(timeout=30.0)
+            self._worker.saver.close()
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -38,7 +38,7 @@ class BlendRequest:
     num_local: int
     context_end: int
     block_ids: list[int]
-    on_miss: str = "compute"
+    on_miss: str = "recompute"
     config: dict | None = None  # per-request cache_fuse_metadata (full, validated), or None
 
     @property
@@ -47,5 +47,16 @@ class BlendRequest:
 
 
 @dataclass
+class SaveRequest:
+    """Chunks of a request that vLLM (or the blend) has computed by this step: the worker
+    saves their KV out of the request's blocks after the step's forward."""
+
+    req_id: str
+    block_ids: list[int]
+    chunks: list[ChunkRef]
+
+
+@dataclass
 class BlendConnectorMetadata(KVConnectorMetadata):
     requests: list[BlendRequest] = field(default_factory=list)
+    saves: list[SaveRequest] = field(default_factory=list)

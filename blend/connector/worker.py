@@ -34,7 +34,8 @@ from blend.chunk_loader import ChunkSource, LayerLoad, Piece, source_for
 from blend.config import BlendConfig
 from blend.connector.identity import vllm_identity
 from blend.connector.kv_layout import layer_views, probe_cpu_layout
-from blend.connector.metadata import BlendRequest
+from blend.connector.metadata import BlendRequest, SaveRequest
+from blend.connector.saver import ChunkSaver
 from blend.keys import chunk_key, model_fingerprint
 from blend.kv import slots_for
 from blend.log import get_logger
@@ -45,6 +46,9 @@ log = get_logger("Connector")
 # One blend run holds at most this many context tokens (a larger request runs alone): the
 # full-recompute layers' activations and the device copies of host chunks scale with it.
 MAX_RUN_TOKENS = 32768
+# Chunk KV extracted for saving and not yet on the host: beyond this a save is dropped (the
+# chunk is recomputed when it recurs) rather than growing device memory or stalling a step.
+SAVE_PENDING_BYTES = 4 << 30
 
 
 @contextlib.contextmanager
@@ -89,6 +93,9 @@ class WorkerStats:
     blend_ms: float = 0.0
     computed_chunks: int = 0
     stored_chunks: int = 0
+    save_requested: int = 0  # chunks extracted from a prompt's blocks for the store
+    save_dropped: int = 0  # over the saver's pending bound: not saved
+    store_evictions: int = 0  # host and disk tier evictions (the store's counters' growth)
     rank_misses: int = 0  # chunks this rank had but another TP rank lacked (recomputed)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -115,7 +122,8 @@ class BlendWorker:
         self.store = None
         self.gpu_tier: DeviceTier | None = None
         self.stats = WorkerStats()
-        self._pending_puts: list[tuple[str, torch.Tensor]] = []
+        self.saver: ChunkSaver | None = None
+        self._saver_seen = (0, 0, 0)  # saver (saved, dropped) and store evictions at last take
         self.trace_dir = extra.get("trace_dir")
         self.rank, self.fingerprint, self.tp = 0, "", None
         self.last_traces: dict[str, dict] = {}
@@ -173,6 +181,7 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
+        self.saver = ChunkSaver(self.store, SAVE_PENDING_BYTES)
         if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
             self._warm_up()
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
@@ -236,7 +245,9 @@ class BlendWorker:
         a = self.blender.adapter
         t0 = time.perf_counter()
         t = self.gpu_tier.get(key) if self.gpu_tier is not None else None
-        in_tier = t is not None
+        if t is None and self.saver is not None:
+            t = self.saver.get(key)  # being saved: still on the device
+        in_tier = t is not None and t.device.type == a.device.type
         if t is None and self.store is not None:
             t = self.store.fetch(key)
         src = None
@@ -295,9 +306,7 @@ class BlendWorker:
         if req.on_miss != "compute":
             return None
         kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
-        self._pending_puts.append((key, kv))
-        if self.gpu_tier is not None:
-            self.gpu_tier.put(key, kv)
+        self._keep(key, kv)
         found[key] = src = ChunkSource(key, None, kv)
         computed.add(key)
         self.stats.computed_chunks += 1
@@ -400,13 +409,63 @@ class BlendWorker:
         trace.timings_ms["host"] = (time.perf_counter() - t0) * 1e3  # enqueue time on CUDA
         return requests, seqs, out.selected, trace, load, events
 
-    def wait_for_save(self) -> None:
-        """Store the chunk KV computed for misses this step (after the forward was queued,
-        so the copy to the host waits for the GPU here, not inside the blend)."""
-        puts, self._pending_puts = self._pending_puts, []
-        for key, kv in puts:
-            if self.store.put(key, kv.detach().to("cpu")):
-                self.stats.stored_chunks += 1
+    def _keep(self, key: str, kv: torch.Tensor) -> None:
+        """Chunk KV this worker made: to the GPU tier now, to the store in the background."""
+        if self.gpu_tier is not None:
+            self.gpu_tier.put(key, kv)
+        self.saver.submit(key, kv)  # a drop is counted by the saver
+
+    def wait_for_save(self, saves: list[SaveRequest]) -> None:
+        """Save the chunks vLLM or the blend computed inside prompts this step.
+
+        Runs after the step's forward was queued: one extraction launch reads every chunk
+        out of its request's blocks (K rotated back to position 0) into fresh device
+        buffers, ordered before any later step can reuse those blocks; the saver thread
+        takes them to the host and the store from there.
+        """
+        if not saves:
+            return
+        from blend.triton_kernels.placement import Placement, PlacePiece, extract_chunks_ref
+
+        a = self.blender.adapter
+        dev = torch.device(a.device)
+        pieces, keys = [], []
+        for s in saves:
+            row = torch.tensor(s.block_ids, dtype=torch.int32)
+            for c in s.chunks:
+                if self.saver.get(c.key) is not None:
+                    continue
+                n = c.end - c.start
+                buf = torch.empty((a.num_layers, 2, n, a.num_kv_heads, a.head_dim),
+                                  dtype=a.dtype, device=dev)
+                slots = slots_for(row, torch.arange(c.start, c.end), self.block_size)
+                pieces.append(PlacePiece(buf, 0, n, slots, c.start))
+                keys.append(c.key)
+        if not pieces:
+            return
+        layers = [self.kv.layer(layer) for layer in range(a.num_layers)]
+        cos_sin = self.blender.delta_table(max(p.delta for p in pieces))
+        with torch.profiler.record_function("cacheblend.extract"):
+            if dev.type == "cuda":
+                Placement(layers, pieces, cos_sin, a.rope.is_neox).extract(range(a.num_layers))
+            else:
+                extract_chunks_ref(layers, pieces, range(a.num_layers), cos_sin, a.rope.is_neox)
+        self.stats.save_requested += len(keys)
+        for key, p in zip(keys, pieces):
+            self._keep(key, p.src)
+
+    def take_stats(self) -> dict[str, Any]:
+        """This step's counters, with the saver's and the store's progress since the last."""
+        st = self.stats
+        if self.saver is not None:
+            saved, dropped = self.saver.stats.saved, self.saver.stats.dropped
+            ev = _evictions(self.store)
+            s0, d0, e0 = self._saver_seen
+            st.stored_chunks += saved - s0
+            st.save_dropped += dropped - d0
+            st.store_evictions += ev - e0
+            self._saver_seen = (saved, dropped, ev)
+        return st.take()
 
     def _write_traces(self, requests, seqs, selected, trace: BlendTrace, load: LayerLoad,
                       events) -> None:
@@ -421,6 +480,15 @@ class BlendWorker:
         cfg = self._blender_for(requests[0].config).config
         for doc in write_batch(self.trace_dir, trace, seqs, cfg, requests):
             self.last_traces[doc["req_id"]] = doc
+
+
+def _evictions(store) -> int:
+    """Host and disk tier evictions so far (0 for backends that do not count them)."""
+    try:
+        st = store.stats()
+    except Exception:  # noqa: BLE001 - metrics never fail a step
+        return 0
+    return int(st.get("memory_evictions", 0)) + int(st.get("disk_evictions", 0))
 
 
 def question_probes(req: BlendRequest, config: BlendConfig, block_size: int) -> list[int]:

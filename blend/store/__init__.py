@@ -18,7 +18,8 @@ def open_store(spec: str | dict | None, fingerprint: str) -> ChunkStore:
         from blend.store.local import LocalStore
 
         return LocalStore(fingerprint, cfg["path"], cfg["memory_bytes"], cfg["disk_bytes"],
-                          pin_memory=cfg["pin_memory"], promote=cfg["promote"])
+                          pin_memory=cfg["pin_memory"], promote=cfg["promote"],
+                          memory_policy=cfg["memory_policy"])
     from blend.store.ucm import UcmStore
 
     return UcmStore(fingerprint, **{k: v for k, v in cfg.items()

@@ -129,8 +129,12 @@ class ChunkStore(ABC):
             self._count(hits=1, bytes_read=t.numel() * t.element_size())
         return t
 
-    def put(self, key: str, kv: torch.Tensor) -> bool:
-        """Store `kv` under `key`; True once the entry is durable in the shared tier."""
+    def put(self, key: str, kv: torch.Tensor, give: bool = False) -> bool:
+        """Store `kv` under `key`; True once the entry is durable in the shared tier.
+
+        `give=True`: the caller hands `kv` over (it never writes it again), so a tier may
+        keep the tensor itself instead of a copy (the connector's saver gives pinned buffers).
+        """
         if not valid_key(key):
             self._error("bad_key", "put")
             return False
@@ -138,7 +142,7 @@ class ChunkStore(ABC):
             self._error("bad_value", f"put of {type(kv).__name__} {getattr(kv, 'dtype', '')}")
             return False
         try:
-            ok = bool(self._put(key, kv))
+            ok = bool(self._put(key, kv, give))
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, "put")
             ok = False
@@ -187,7 +191,7 @@ class ChunkStore(ABC):
     def _get(self, key: str) -> torch.Tensor | None: ...
 
     @abstractmethod
-    def _put(self, key: str, kv: torch.Tensor) -> bool: ...
+    def _put(self, key: str, kv: torch.Tensor, give: bool = False) -> bool: ...
 
     @abstractmethod
     def _delete(self, key: str) -> bool: ...

@@ -21,9 +21,10 @@ class LocalStore(ChunkStore):
     backend = "local"
 
     def __init__(self, fingerprint: str, path: str | os.PathLike, memory_bytes: int,
-                 disk_bytes: int, pin_memory: bool | str = False, promote: bool = True) -> None:
+                 disk_bytes: int, pin_memory: bool | str = False, promote: bool = True,
+                 memory_policy: str = "slru") -> None:
         super().__init__(fingerprint)
-        self.mem = MemoryTier(memory_bytes)
+        self.mem = MemoryTier(memory_bytes, policy=memory_policy)
         self.disk = DiskTier(path, disk_bytes, fingerprint)
         self.pin = pin_memory in (True, "auto") and torch.cuda.is_available()
         self.promote = promote
@@ -61,7 +62,7 @@ class LocalStore(ChunkStore):
 
     def _get(self, key: str) -> torch.Tensor | None:
         t = self._fetch(key)
-        if t is None or self.mem.get(key) is not t:
+        if t is None or self.mem.peek(key) is not t:
             return t  # absent, or a disk read the memory tier did not keep: the caller's own
         own = fmt.alloc(tuple(t.shape), t.dtype)  # the tier's tensor stays the tier's
         own.copy_(t)
@@ -80,11 +81,15 @@ class LocalStore(ChunkStore):
             self.mem.put(key, t)
         return t
 
-    def _put(self, key: str, kv: torch.Tensor) -> bool:
+    def _put(self, key: str, kv: torch.Tensor, give: bool = False) -> bool:
         kv = kv.detach()
         nbytes = kv.numel() * kv.element_size()
         own = None
-        if self.mem.fits(nbytes):
+        handed = kv.device.type == "cpu" and kv.is_contiguous() and (kv.is_pinned() or not self.pin)
+        if give and handed:
+            own = kv  # handed over: the tier keeps it, no copy
+            self.mem.put(key, own)
+        elif self.mem.fits(nbytes):
             own = self._alloc(tuple(kv.shape), kv.dtype)
             own.copy_(kv)
             self.mem.put(key, own)

@@ -181,7 +181,7 @@ class UcmStore(ChunkStore):
         p = self._payload(stage, h)
         return p.clone().view(h.dtype).view(h.shape)
 
-    def _put(self, key: str, kv: torch.Tensor) -> bool:
+    def _put(self, key: str, kv: torch.Tensor, give: bool = False) -> bool:
         kv = kv.detach().contiguous()
         host = kv if kv.device.type == "cpu" else kv.cpu()
         mv = fmt.byte_view(host)
