@@ -39,6 +39,8 @@ EXTRA_KEYS = {
     "min_hit_ratio": "blend only when stored chunks cover at least this fraction of the "
                      "context to compute; below it vLLM prefills (float in [0, 1])",
     "admit": "which missed chunks are saved: 'always' or 'second_sight' (seen twice)",
+    "unmarked": "prompts with no spans and no separator: 'paragraphs' (stored chunks found "
+                "by content, new paragraphs saved) or 'none' (plain prefill)",
     "trace_dir": "directory for per-request blend traces (JSON), or None",
 }
 
@@ -69,6 +71,9 @@ def check_extra_config(extra: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"min_hit_ratio: {mhr!r} out of range; allowed a number in [0, 1]")
     from blend.store.admission import ADMIT
 
+    unmarked = out.setdefault("unmarked", "paragraphs")
+    if unmarked not in ("paragraphs", "none"):
+        raise ValueError(f"unmarked: {unmarked!r} not allowed; allowed: ['paragraphs', 'none']")
     admit = out.setdefault("admit", DEFAULT_ADMIT)
     if admit not in ADMIT:
         raise ValueError(f"admit: {admit!r} not allowed; allowed: {list(ADMIT)}")

@@ -11,11 +11,14 @@ belongs to no chunk; it is glue text and is always recomputed.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
+
+import numpy as np
 
 Span = tuple[int, int]
 
@@ -212,4 +215,48 @@ class SeparatorSplitter:
             e = max(s, bisect_right(ends, hi))  # tokens ending inside the piece
             if e > s and text[starts[s]:ends[e - 1]].strip():
                 out.append((s, e))
+        return out
+
+
+# ---------------------------------------------------------------- unmarked prompts
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+
+
+class ParagraphSplitter:
+    """The chunks of a prompt nothing marks (a chat message with pasted documents): its
+    paragraphs, i.e. the text between blank lines and between special tokens (a chat
+    template's message markers, with the role line that follows one), of at least
+    `min_tokens` tokens.
+
+    Cut on bytes like the separator, so BPE merging across a blank line cannot hide it,
+    and a token straddling a cut belongs to no paragraph. What this chooses is only what a
+    first sight stores; later prompts find stored chunks by content (`blend.matcher`)
+    wherever they sit, in whole or in part.
+    """
+
+    def __init__(self, tokenizer: Any, min_tokens: int) -> None:
+        self.min_tokens = int(min_tokens)
+        self._bytes = TokenBytes(tokenizer)
+        specials = [tokenizer.convert_tokens_to_ids(p) for p in self._bytes._special]
+        self._special_ids = np.array(sorted({int(i) for i in specials if i is not None}),
+                                     dtype=np.int64)
+
+    def spans(self, token_ids: Sequence[int]) -> list[Span]:
+        text, starts, ends = self._bytes.offsets(token_ids)
+        cuts = [(m.start(), m.end()) for m in _BLANK_LINE.finditer(text)]
+        special = np.flatnonzero(np.isin(np.asarray(token_ids, dtype=np.int64), self._special_ids))
+        for i in special.tolist():  # a message marker and its header line ("user\n")
+            nl = text.find(b"\n", ends[i], ends[i] + 32)
+            cuts.append((starts[i], ends[i] if nl < 0 else nl + 1))
+        cuts.sort()
+        out: list[Span] = []
+        lo = 0
+        for a, b in [*cuts, (len(text), len(text))]:
+            if a > lo:
+                s = bisect_left(starts, lo)
+                e = max(s, bisect_right(ends, a))
+                if e - s >= self.min_tokens and text[starts[s]:ends[e - 1]].strip():
+                    out.append((s, e))
+            lo = max(lo, b)
         return out

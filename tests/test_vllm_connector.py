@@ -237,8 +237,11 @@ def llm(smollm2_path, store_dir, reference):  # reference first: one engine at a
     # CacheBlend's own semantics: a missed chunk's KV is computed standalone and stored on
     # first sight, so the r=1 and reuse tests run the blend over standalone chunk KV. The
     # default (saving chunks out of the prompt's context) has its own tests (test_vllm_save).
+    # Prompts without spans stay plain here (`unmarked="none"`): this module tests spans and
+    # the separator; content matching has its own tests (test_vllm_chat).
     ktc = blend.kv_transfer_config(store=f"local:{store_dir}", separator=SEP, on_miss="compute",
-                                   admit="always", cache_fuse_metadata={"recomp_ratio": 0.15})
+                                   admit="always", unmarked="none",
+                                   cache_fuse_metadata={"recomp_ratio": 0.15})
     engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)
     yield engine
     shutdown_llm(engine)  # now, not at collection: the next module starts its own engine

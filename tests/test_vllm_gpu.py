@@ -224,7 +224,7 @@ def llm(smollm2_path, store_dir, reference):  # reference first: its engine is g
     # CacheBlend's own semantics (first sight computes standalone KV and stores it), as
     # the CPU connector tests; the default miss path has its own test (test_h_*).
     ktc = blend.kv_transfer_config(store={"backend": "local", "path": store_dir},
-                                   on_miss="compute", admit="always",
+                                   on_miss="compute", admit="always", unmarked="none",
                                    cache_fuse_metadata={"recomp_ratio": 0.15})
     t = time.time()
     engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)

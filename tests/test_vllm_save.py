@@ -50,8 +50,9 @@ def engine(smollm2_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("kv")
     llm = LLM(model=smollm2_path, dtype=choose_dtype("cpu").dtype, enforce_eager=True,
               max_model_len=2048, gpu_memory_utilization=0.3, max_logprobs=20, seed=0,
-              kv_transfer_config=blend.kv_transfer_config(
-                  store=f"local:{store}", cache_fuse_metadata={"recomp_ratio": 0.15}))
+              kv_transfer_config=blend.kv_transfer_config(  # `_plain` sends no spans
+                  store=f"local:{store}", unmarked="none",
+                  cache_fuse_metadata={"recomp_ratio": 0.15}))
     yield llm, store
     shutdown_llm(llm)
 

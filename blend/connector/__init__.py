@@ -86,7 +86,8 @@ class BlendConnector(KVConnectorBase_V1):
             fp = vllm_fingerprint(vllm_config, 0)
             self._scheduler = BlendScheduler(extra, fp, open_store(extra.get("store"), fp),
                                              tokenizer_loader=lambda: _tokenizer(vllm_config),
-                                             admission=make_admission(extra["admit"]))
+                                             admission=make_admission(extra["admit"]),
+                                             index_dir=_index_dir(extra.get("store")))
             log.info("scheduler ready: store %s, on_miss=%s, %s", extra.get("store"),
                      extra["on_miss"], self.config.to_dict())
         else:
@@ -160,6 +161,14 @@ class BlendConnector(KVConnectorBase_V1):
         from blend.stats import BlendPromMetrics
 
         return BlendPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _index_dir(store: Any) -> Any:
+    """Where chunks' token ids live for content matching: beside the store's files."""
+    from blend.store.spec import parse
+
+    path = parse(store)["path"]
+    return (path[0] if isinstance(path, list) else path) / "index"
 
 
 def _tokenizer(vllm_config: VllmConfig) -> Any:

@@ -19,6 +19,19 @@ class ChunkRef:
     end: int
     key: str
     hit: bool  # the scheduler's lookup; the worker's load decides for real
+    # Found by content (`connector/content.py`): the prompt's tokens are rows
+    # `[src_start, src_start + end - start)` of a stored chunk `src_len` tokens long.
+    src_start: int = 0
+    src_len: int = 0  # 0: the whole chunk, end - start
+
+    @property
+    def stored_len(self) -> int:
+        return self.src_len or self.end - self.start
+
+    @property
+    def whole(self) -> bool:
+        """The prompt holds the stored chunk whole (it can be saved under its key)."""
+        return self.src_start == 0 and self.stored_len == self.end - self.start
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blend.config import BlendConfig
+from blend.connector.content import ContentChunks
 from blend.connector.metadata import BlendConnectorMetadata, BlendRequest, ChunkRef, SaveRequest
 from blend.keys import chunk_key
 from blend.log import get_logger
@@ -52,6 +53,9 @@ log = get_logger("Connector")
 # from the save in flight, or recomputes it if the save was dropped).
 SAVING_TTL_S = 120.0
 SAVING_MAX = 16384
+# Unmarked prompts: the shortest paragraph stored on first sight, and the shortest stored
+# run found by content (64 tokens: shorter pieces save little next to a fetch and a placement).
+CONTENT_MIN_TOKENS = 64
 
 
 @dataclass
@@ -62,7 +66,13 @@ class _Analysis:
     keys: list[str]
     on_miss: str
     config: dict | None
+    src: list[tuple[int, int]] | None = None  # content matches: (src_start, src_len) per span
     admitted: dict[str, bool] = field(default_factory=dict)  # admission, once per chunk
+
+    def ref(self, i: int, hit: bool) -> ChunkRef:
+        s, e = self.spans[i]
+        src_start, src_len = self.src[i] if self.src else (0, 0)
+        return ChunkRef(s, e, self.keys[i], hit, src_start, src_len)
 
 
 @dataclass
@@ -87,7 +97,8 @@ class BlendScheduler:
     `build_connector_meta`, keyed by request id."""
 
     def __init__(self, extra: dict[str, Any], fingerprint: str, store: Any,
-                 tokenizer_loader: Any = None, admission: Any = None) -> None:
+                 tokenizer_loader: Any = None, admission: Any = None,
+                 index_dir: Any = None) -> None:
         self.extra = extra
         self.fingerprint = fingerprint
         self.store = store
@@ -97,6 +108,9 @@ class BlendScheduler:
         self.admission = admission
         self._splitter: SeparatorSplitter | None = None
         self._tokenizer_loader = tokenizer_loader
+        self.unmarked = extra.get("unmarked", "paragraphs")
+        self._index_dir = index_dir
+        self._content_chunks: ContentChunks | None = None
         self.base_config = BlendConfig.from_dict(extra.get("cache_fuse_metadata")).to_dict()
         self._analyses: dict[str, _Analysis | None] = {}
         self._plans: dict[str, _Plan] = {}
@@ -125,6 +139,15 @@ class BlendScheduler:
         splitter = self._separator()
         return splitter.spans(prompt) if splitter is not None else []
 
+    def _content(self) -> ContentChunks | None:
+        """Content matching for prompts with no spans (None when `unmarked` is "none")."""
+        if self.unmarked == "none" or self._tokenizer_loader is None:
+            return None
+        if self._content_chunks is None:
+            self._content_chunks = ContentChunks(self._tokenizer_loader(), self.fingerprint,
+                                                 self._index_dir, CONTENT_MIN_TOKENS)
+        return self._content_chunks
+
     def _analysis(self, request: Request) -> _Analysis | None:
         """The request's chunks, keys and settings; None for a plain prefill (cached)."""
         rid = request.request_id
@@ -146,8 +169,14 @@ class BlendScheduler:
             self.stats["fallbacks"] += 1
             log.warning("request %s: bad chunk spans (%s); plain prefill", rid, exc)
             return None
-        spans = [s for s in spans if s[1] - s[0] >= self.min_chunk_tokens]
-        if not spans:
+        src = None
+        if not spans and "spans" not in params and self._content() is not None:
+            found = self._content().chunks(prompt)
+            spans = [(c.start, c.end) for c in found]
+            src = [(c.src_start, c.src_len) for c in found]
+            keys = [c.key for c in found]
+        spans_ok = [i for i, (s, e) in enumerate(spans) if e - s >= self.min_chunk_tokens]
+        if not spans_ok:
             return None
         on_miss = params.get("on_miss", self.on_miss)
         if on_miss not in ("compute", "recompute", "prefill"):
@@ -161,8 +190,11 @@ class BlendScheduler:
                 log.warning("request %s: bad cache_fuse_metadata (%s); plain prefill", rid, exc)
                 self.stats["fallbacks"] += 1
                 return None
-        keys = [chunk_key(self.fingerprint, prompt[s:e]) for s, e in spans]
-        return _Analysis(spans, keys, on_miss, override)
+        if src is None:
+            keys = [chunk_key(self.fingerprint, prompt[s:e]) for s, e in spans]
+        pick = spans_ok
+        return _Analysis([spans[i] for i in pick], [keys[i] for i in pick], on_miss, override,
+                         [src[i] for i in pick] if src is not None else None)
 
     # -------------------------------------------------------------- lookups
     def _lookup(self, keys: list[str]) -> list[bool]:
@@ -210,6 +242,10 @@ class BlendScheduler:
                                                      num_computed_tokens, 0), "prefix_cached": True})
             return 0, False
         hits = self._lookup(a.keys)
+        if a.src is not None:  # found by content but gone from the store: stop finding it
+            for k, h in zip(a.keys, hits):
+                if not h:
+                    self._content().forget(k)
         if a.on_miss == "prefill" and not all(hits):
             log.debug("request %s: %d/%d chunks miss, on_miss=prefill: plain prefill",
                       rid, hits.count(False), len(hits))
@@ -218,7 +254,7 @@ class BlendScheduler:
         plan = _Plan(a, hits, end, num_computed_tokens)
         if a.on_miss == "recompute":
             plan.saves = [i for i, (k, h) in enumerate(zip(a.keys, hits))
-                          if not h and self._admit(a, k)]
+                          if not h and a.ref(i, h).whole and self._admit(a, k)]
             if not _enough_hits(a.spans, hits, num_computed_tokens, end, self.min_hit_ratio):
                 self._plans[rid] = plan  # plain prefill: saves only
                 return 0, False
@@ -231,14 +267,18 @@ class BlendScheduler:
         if plan is None:
             return
         a = plan.a
+        saving = list(plan.saves)
         if plan.saves:
-            chunks = [ChunkRef(a.spans[i][0], a.spans[i][1], a.keys[i], False)
-                      for i in plan.saves]
+            chunks = [a.ref(i, False) for i in plan.saves]
             self._new_tracks[rid] = _SaveTrack(chunks)
-            self._mark_saving([c.key for c in chunks])
             self.stats["saves_planned"] += len(chunks)
         if a.on_miss == "compute" and num_external_tokens > 0:  # the worker computes and saves
-            self._mark_saving([k for k, h in zip(a.keys, plan.hits) if not h])
+            saving = [i for i, h in enumerate(plan.hits) if not h and a.ref(i, h).whole]
+        self._mark_saving([a.keys[i] for i in saving])
+        content = self._content() if saving else None
+        for i in saving if content is not None else ():
+            s, e = a.spans[i]
+            content.register(a.keys[i], request.prompt_token_ids[s:e])
         if num_external_tokens <= 0:
             self.stats["plain_prefills"] += 1
             self._reports[rid] = {**_report(a.spans, plan.hits, plan.num_local, 0),
@@ -312,7 +352,7 @@ class BlendScheduler:
         return BlendRequest(
             req_id=request.request_id,
             token_ids=list(prompt[:last]),
-            chunks=[ChunkRef(s, e, k, h) for (s, e), k, h in zip(a.spans, a.keys, plan.hits)],
+            chunks=[a.ref(i, h) for i, h in enumerate(plan.hits)],
             num_local=plan.num_local,
             context_end=plan.context_end,
             block_ids=list(block_ids),

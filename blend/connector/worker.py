@@ -261,8 +261,10 @@ class BlendWorker:
                                 kv.dtype)
 
     # ------------------------------------------------------------------ per step
-    def _key(self, req: BlendRequest, ch) -> str:
+    def _key(self, req: BlendRequest, ch) -> str | None:
         """The chunk's key in this rank's store: the scheduler keys rank 0's shard."""
+        if self.tp is not None and not ch.whole:
+            return None  # found by content in part: only rank 0's key is known (recomputed)
         if self.rank == 0:
             return ch.key
         return chunk_key(self.fingerprint, req.token_ids[ch.start:ch.end])
@@ -272,9 +274,10 @@ class BlendWorker:
         a = self.blender.adapter
         t0 = time.perf_counter()
         t = self.gpu_tier.get(key) if self.gpu_tier is not None else None
+        gpu_hit = t is not None
         if t is None and self.saver is not None:
             t = self.saver.get(key)  # being saved: still on the device
-        in_tier = t is not None and t.device.type == a.device.type
+        in_tier = t is not None
         if t is None and self.store is not None:
             t = self.store.fetch(key)
         src = None
@@ -284,7 +287,7 @@ class BlendWorker:
                         tuple(t.shape), t.dtype)
         elif t is not None:
             src, pinned = source_for(key, t, torch.device(a.device), self.gpu_tier, in_tier)
-            self.stats.gpu_hits += int(in_tier)
+            self.stats.gpu_hits += int(gpu_hit)
             self.stats.pinned_on_load += int(pinned)
             nbytes = t.numel() * t.element_size()
             self.stats.bytes_fetched += nbytes
@@ -305,8 +308,8 @@ class BlendWorker:
             for ch in req.chunks:
                 if max(ch.start, req.num_local) < min(ch.end, req.context_end):
                     key = self._key(req, ch)
-                    if key not in found:
-                        found[key] = self._fetch(key, ch.end - ch.start)
+                    if key is not None and key not in found:
+                        found[key] = self._fetch(key, ch.stored_len)
         if self.tp is not None and found:
             import torch.distributed as dist
 
@@ -330,7 +333,7 @@ class BlendWorker:
                 self.stats.chunk_hits += 1
                 self.stats.chunk_hit_tokens += ch.end - ch.start
             return src
-        if req.on_miss != "compute":
+        if req.on_miss != "compute" or not ch.whole or key is None:
             return None
         kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
         self._keep(key, kv)
@@ -357,7 +360,8 @@ class BlendWorker:
             if src is None:
                 continue  # stays forced: recomputed like text
             slots = slots_for(row, torch.arange(lo, hi), self.block_size)  # host: no sync
-            pieces.append(Piece(src, lo - ch.start, hi - ch.start, slots, ch.start))
+            row0 = ch.start - ch.src_start  # where the stored chunk's row 0 sits
+            pieces.append(Piece(src, lo - row0, hi - row0, slots, row0))
             forced[lo - p0: hi - p0] = False
             if sink and ch.start >= p0:
                 forced[ch.start - p0: min(ch.start + sink, hi) - p0] = True
