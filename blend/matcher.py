@@ -150,10 +150,19 @@ def _expand(lo: np.ndarray, cnt: np.ndarray) -> np.ndarray:
     return starts + np.arange(total)
 
 
+def _over(a: np.ndarray, bound: int, limit: int) -> np.ndarray:
+    """Mask of the elements of `a` (ints in [0, bound)) that occur more than `limit` times."""
+    if len(a) * 16 > bound:  # many: counting is O(len + bound), no sort
+        return np.bincount(a, minlength=bound)[a] > limit
+    s = np.sort(a)
+    hot = s[limit:][s[limit:] == s[: len(s) - limit]]  # s[i] == s[i + limit]: > limit copies
+    return np.isin(a, hot) if len(hot) else np.zeros(len(a), bool)
+
+
 def _windows(a: np.ndarray, window: int) -> np.ndarray:
-    """Rows a[i:i+window] for every i, as a view (sliding_window_view's checks cost ~20 us)."""
-    n = max(len(a) - window + 1, 0)
-    return np.lib.stride_tricks.as_strided(a, (n, window), (a.strides[0], a.strides[0]), writeable=False)
+    """Rows a[i:i+window] for every i, as a view (as_strided/sliding_window_view cost ~20 us)."""
+    n, st = max(len(a) - window + 1, 0), a.strides[0]
+    return np.ndarray((n, window), a.dtype, buffer=a, strides=(st, st))  # a: contiguous
 
 
 class _Level:
@@ -177,7 +186,7 @@ class _Level:
         bits = int(np.clip(np.ceil(np.log2(max(len(self.h), 1) * 4)), 4, 22))  # ~4 buckets a hash
         self.shift = _U64(64 - bits)
         counts = np.bincount((self.h >> self.shift).view(np.int64), minlength=1 << bits)
-        self.starts = np.zeros((1 << bits) + 1, np.int64)
+        self.starts = np.zeros((1 << bits) + 1, np.int32 if len(he) < 2**31 else np.int64)
         np.cumsum(counts, out=self.starts[1:])
 
     @staticmethod
@@ -290,11 +299,16 @@ class ChunkIndex:
                 self._compact()
 
     def _compact(self) -> None:
-        live = [(k, self._flat[self._base[c] : self._base[c] + self._len[c]].copy())
-                for k, c in self._cid.items()]
-        self._reset()
-        for key, ids in live:
-            self._append(key, ids, window_hashes(ids, self.window)[:: self.window])
+        """Re-index the live chunks into a fresh state, then swap it in: the unlocked readers
+        (`in`, `len`, find's empty check) see the old key dict or the new one, never a part."""
+        fresh = ChunkIndex(self.window, self.min_match, self.max_dups)
+        for key, c in self._cid.items():
+            ids = self._flat[self._base[c] : self._base[c] + self._len[c]].copy()
+            fresh._append(key, ids, window_hashes(ids, self.window)[:: self.window])
+        fresh._flush()
+        state = vars(fresh)
+        del state["_lock"]
+        vars(self).update(state)
 
     def flush(self) -> None:
         """Sort pending anchors in now (otherwise the next `find` does it)."""
@@ -370,8 +384,7 @@ class ChunkIndex:
             dups[qi] += n  # a hash is one group per level: qi has no repeats
         parts = []
         for lv, qi, gi, n in found:
-            seen = np.bincount(gi, minlength=len(lv.h))  # prompt positions per hash
-            ok = (dups[qi] <= self.max_dups) & (seen[gi] <= self.max_dups)
+            ok = (dups[qi] <= self.max_dups) & ~_over(gi, len(lv.h), self.max_dups)
             qi, gi, n = qi[ok], gi[ok], n[ok]
             ei = _expand(lv.gs[gi], n)
             parts.append((np.repeat(pos[qi], n), lv.c[ei], lv.o[ei]))
@@ -396,14 +409,17 @@ class ChunkIndex:
         """
         diag = pos - off
         # hits come by prompt position, so a stable sort by (chunk, diagonal) orders offsets too
-        order = np.argsort((cid << 32) | diag, kind="stable")
-        pos, cid, off, diag = pos[order], cid[order], off[order], diag[order]
+        key = (cid << 32) | diag
+        order = np.argsort(key, kind="stable")
+        key, pos, cid, off, diag = key[order], pos[order], cid[order], off[order], diag[order]
         # consecutive verified anchors of one chunk on one diagonal form one equal run
-        new = np.ones(len(pos), bool)
-        new[1:] = (cid[1:] != cid[:-1]) | (diag[1:] != diag[:-1]) | (off[1:] != off[:-1] + self.window)
+        new = np.empty(len(pos), bool)
+        new[0] = True
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        new[1:] |= off[1:] != off[:-1] + self.window
         first = np.flatnonzero(new)
-        last = np.append(first[1:], len(pos)) - 1
-        c, d = cid[first], diag[first]
+        last = np.concatenate([first[1:], [len(pos)]]) - 1
+        c, d, key = cid[first], diag[first], key[first]
         base = self._base[c] - d  # flat index of the chunk token at prompt position i: base + i
         r = len(c)
         edge = self._extend(p, np.concatenate([base, base]),
@@ -413,10 +429,12 @@ class ChunkIndex:
         start, end = edge[:r], edge[r:]
         # runs of one diagonal were sorted by start and are disjoint once maximal: a repeat
         # (a run split at a skipped anchor, extended back into one) is its predecessor
-        new = np.ones(len(c), bool)
-        new[1:] = (c[1:] != c[:-1]) | (d[1:] != d[:-1]) | (start[1:] != start[:-1])
-        keep = new & (end - start >= self.min_match)
-        return np.stack([start[keep], end[keep], c[keep], start[keep] - d[keep]], axis=1)
+        keep = end - start >= self.min_match
+        keep[1:] &= (key[1:] != key[:-1]) | (start[1:] != start[:-1])
+        rows = np.empty((int(keep.sum()), 4), np.int64)
+        rows[:, 0], rows[:, 1], rows[:, 2] = start[keep], end[keep], c[keep]
+        rows[:, 3] = rows[:, 0] - d[keep]
+        return rows
 
     def _extend(self, p, base, edge, limit, step) -> np.ndarray:
         """Move each `edge` towards its `limit` (step -1: left, +1: right) while tokens match.

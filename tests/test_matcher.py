@@ -276,7 +276,7 @@ def test_levels_and_compaction(rng):
     """Enough anchors to merge the small level into the main one, then enough removals to
     re-index: every live chunk is still found, no removed one is."""
     chunks = {key(i): rand_ids(rng, 300) for i in range(300)}
-    ix = ChunkIndex(window=8, min_match=16)  # 37 anchors a chunk: 11k > 4096 (_MIN_SMALL)
+    ix = ChunkIndex(window=8, min_match=16)  # 37 anchors a chunk: 11k > 2048 (_MIN_SMALL)
     for i, (k, ids) in enumerate(chunks.items()):
         ix.add(k, ids)
         if i % 50 == 0:
@@ -291,9 +291,12 @@ def test_levels_and_compaction(rng):
     assert len(ix) == 11
 
 
-def test_concurrent_add_and_find(rng):
-    chunks = {key(i): rand_ids(rng, 256) for i in range(200)}
-    prompt = np.concatenate([chunks[key(i)] for i in range(0, 200, 10)])
+def test_concurrent_add_remove_and_find(rng):
+    """The saver thread adds every chunk, then removes most (a compaction), while the
+    scheduler finds: every answer is valid; the last one holds exactly the live chunks."""
+    chunks = {key(i): rand_ids(rng, 256) for i in range(300)}
+    sample = list(range(0, 300, 15))
+    prompt = np.concatenate([chunks[key(i)] for i in sample])
     ix = ChunkIndex()
     errors: list[BaseException] = []
 
@@ -301,6 +304,8 @@ def test_concurrent_add_and_find(rng):
         try:
             for k, ids in chunks.items():
                 ix.add(k, ids)
+            for i in range(280):  # 71,680 dead ids > 65,536: re-indexed
+                ix.remove(key(i))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -313,7 +318,8 @@ def test_concurrent_add_and_find(rng):
         seen += 1
     t.join()
     assert not errors
-    assert [m.key for m in ix.find(prompt)] == [key(i) for i in range(0, 200, 10)]
+    assert ix._nflat < 300 * 256  # the compaction ran
+    assert [m.key for m in ix.find(prompt)] == [key(i) for i in sample if i >= 280]
 
 
 def test_ids_files_and_from_dir(tmp_path, rng, five):
@@ -334,11 +340,14 @@ def test_ids_files_and_from_dir(tmp_path, rng, five):
         load_ids(tmp_path / "f.npy")
 
 
-def test_ids_validation():
+def test_ids_validation(rng, five):
+    ix = index_of(five)
     with pytest.raises(OverflowError):
-        ChunkIndex().find([1, -2, 3])
+        ix.find([1, -2, 3])
     with pytest.raises(ValueError):
-        ChunkIndex().find(np.array([1, -2, 3]))
+        ix.find(np.array([1, -2, 3]))
+    with pytest.raises(ValueError):
+        ix.add(key(8), np.array([2**32] * 100))
     with pytest.raises(ValueError):
         ChunkIndex(window=32, min_match=62)
 
