@@ -67,3 +67,14 @@ def test_changed_token_is_not_a_hit_and_forget(tok, docs, tmp_path):
 def test_no_stored_chunk_and_short_text(tok, tmp_path):
     cc = ContentChunks(tok, FP, tmp_path / "index")
     assert cc.chunks(_chat(tok, "Hi.", ["A short line."], "Why?")) == []
+
+
+def test_forget_removes_the_index_file(tok, docs, tmp_path):
+    cc = ContentChunks(tok, FP, tmp_path / "index")
+    p = _chat(tok, "S.", docs[:1], "Q?")
+    (c,) = cc.chunks(p)
+    cc.register(c.key, p[c.start:c.end])
+    assert len(list((tmp_path / "index").rglob("*.ids"))) == 1
+    cc.forget(c.key)  # evicted from the store: another process must not find it either
+    assert not list((tmp_path / "index").rglob("*.ids"))
+    assert not any(m.found for m in ContentChunks(tok, FP, tmp_path / "index").chunks(p))

@@ -72,9 +72,15 @@ class ContentChunks:
                 log.warning("chunk %s: token ids not written (%r)", key[:12], exc)
 
     def forget(self, key: str) -> None:
-        """A chunk the store no longer has (evicted): stop finding it."""
-        if self._lengths.pop(key, None) is not None:
-            self.index.remove(key)
+        """A chunk the store no longer has (evicted): stop finding it, here and elsewhere."""
+        if self._lengths.pop(key, None) is None:
+            return
+        self.index.remove(key)
+        if self.dir is not None:
+            try:
+                os.unlink(self.dir / key[:2] / f"{key}{SUFFIX}")
+            except OSError:
+                pass
 
     def refresh(self, force: bool = False) -> int:
         """Index chunks other processes stored since the last scan; returns how many."""
@@ -99,6 +105,7 @@ class ContentChunks:
                 self._lengths[key] = len(ids)
                 self.index.add(key, ids)
                 added += 1
+        self.index.flush()  # sorted in now, not inside the next request's find
         return added
 
     # ---------------------------------------------------------------- one prompt
