@@ -39,7 +39,8 @@ from pathlib import Path
 
 import pytest
 from test_vllm_connector import QUESTIONS, _kl, _passages, _report
-from test_vllm_server import _free_port, _post
+from test_vllm_server import _post
+from vllm_server import free_port as _free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 # The in-process engines start after this process has touched CUDA (importing the blend
@@ -330,6 +331,7 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_e
     ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
            "kv_role": "kv_both",
            "kv_connector_extra_config": {"store": {"backend": "local", "path": str(store)},
+                                         "admit": "always",
                                          "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
     log_path = tmp_path / "serve.log"
     # -P and a neutral cwd: import blend from the installed copy (with blend.patches),
@@ -354,7 +356,10 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_e
                 "temperature": 0.0, "kv_transfer_params": p1.kv_transfer_params()}
         first = _post(base + "/v1/completions", body)
         rep1 = first["kv_transfer_params"]["blend"]
+        # The default miss path: vLLM prefills, the chunks are extracted from its blocks and
+        # saved by the saver thread (CUDA streams, the extraction kernel).
         assert first["choices"][0]["text"] and rep1["chunks"] == 3, rep1
+        assert rep1["plain_prefill"] and rep1["saved_chunks"] == 3, rep1
         # Same chunks in another order: the one completion answered from the store.
         p2 = blend.build_prompt(tok, "Answer from the documents.", docs[::-1],
                                 "Which statement raises?")
@@ -364,6 +369,15 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_e
         print(f"serve reports: first {rep1}; second {rep2}")
         assert second["choices"][0]["text"]
         assert rep2["chunk_hits"] == 3 and rep2["chunk_hit_tokens"] == rep2["chunk_tokens"], rep2
+        # An OpenAI chat request with the documents pasted in, no spans: found by content.
+        msgs = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "\n\n".join(docs[::-1]) + "\n\nWhich one raises?"}]
+        chat = _post(base + "/v1/chat/completions", {"model": smollm2_path, "messages": msgs,
+                                                    "max_tokens": 8, "temperature": 0.0})
+        rep3 = chat["kv_transfer_params"]["blend"]
+        print(f"chat report: {rep3}")
+        assert chat["choices"][0]["message"]["content"]
+        assert rep3["chunk_hits"] == 3 and rep3["num_external"] > 0, rep3
     finally:
         proc.terminate()
         try:
