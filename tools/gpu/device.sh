@@ -8,6 +8,10 @@
 #   bash tools/gpu/device.sh tests                 # tests/test_vllm_gpu.py -> $OUT/vllm_gpu_tests.txt
 #   bash tools/gpu/device.sh bench [ARGS...]       # bench/ttft_vllm_gpu.py -> $OUT/ttft_vllm_gpu.json
 #   bash tools/gpu/device.sh profile [ARGS...]     # bench/profile_vllm_gpu.py -> $OUT/profile_vllm_gpu.json
+#   bash tools/gpu/device.sh serve [ARGS...]       # bench/serve_rag.py (vllm serve plain vs blended under
+#                                                  # load) -> $OUT/serve_rag.json, .png, .txt; with
+#                                                  # --pyspy-rate R also $OUT/pyspy_*.txt. Runs add up in
+#                                                  # $CACHEBLEND_HOME/serve_rag while the machine is warm.
 #   bash tools/gpu/device.sh all                   # install + tests + bench (needs > 10 min: split it)
 # Several subcommands run in order: `device.sh stash install tests`. Every step is idempotent:
 # on a warm machine a done install is skipped (the project itself is reinstalled only when its
@@ -152,8 +156,12 @@ run_script() {  # NAME ARGS...: bench/NAME.py -> $OUT/NAME.txt (+ what the scrip
 
 bench() { run_script ttft_vllm_gpu --out "$OUT/ttft_vllm_gpu.json" "$@"; }
 profile() { run_script profile_vllm_gpu --out "$OUT" "$@"; }
+serve() {  # stops starting runs 30 s before the call's budget; py-spy is looked up in $SITE/bin
+  install_project || return 1
+  SITE=$SITE run_script serve_rag --out "$OUT" --budget-s "$(( $(left) - 30 ))" "$@"
+}
 
-[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
 rc=0
 while [ $# -gt 0 ]; do
   cmd=$1; shift
@@ -164,8 +172,9 @@ while [ $# -gt 0 ]; do
     units) units || rc=1 ;;
     bench) bench "$@" || rc=1; break ;;
     profile) profile "$@" || rc=1; break ;;
+    serve) serve "$@" || rc=1; break ;;
     all) install || exit 1; tests || rc=1; bench || rc=1 ;;
-    *) echo "unknown subcommand $cmd (stash|install|units|tests|bench|profile|all)" >&2; exit 2 ;;
+    *) echo "unknown subcommand $cmd (stash|install|units|tests|bench|profile|serve|all)" >&2; exit 2 ;;
   esac
 done
 exit "$rc"
