@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from vllm_server import metric, vllm_server
+from vllm_server import blend_ktc, cpu_args, metric, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -27,12 +27,8 @@ def _docs() -> list[str]:
 @pytest.fixture(scope="module")
 def server(smollm2_path, tmp_path_factory, child_env):
     store = tmp_path_factory.mktemp("kv")
-    ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
-           "kv_role": "kv_both",
-           "kv_connector_extra_config": {"store": f"local:{store}", "admit": "always",
-                                         "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
-    with vllm_server(smollm2_path, ktc, tmp_path_factory.mktemp("log") / "serve.log",
-                     child_env) as base:
+    with vllm_server(smollm2_path, blend_ktc(store, admit="always"),
+                     tmp_path_factory.mktemp("log") / "serve.log", child_env, cpu_args()) as base:
         yield base, smollm2_path, store
 
 

@@ -33,14 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from test_vllm_connector import QUESTIONS, _kl, _passages, _report
-from test_vllm_server import _post
-from vllm_server import free_port as _free_port
+from vllm_server import blend_ktc, post, vllm_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 # The in-process engines start after this process has touched CUDA (importing the blend
@@ -309,52 +306,24 @@ def test_d_sixteen_concurrent_mixed(llm, cases, reference):
     print(f"mixed: plain requests' first divergence at a near-tie (None = identical): {split}")
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, deadline_s: float) -> None:
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log_path.read_text()[-6000:])
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    raise RuntimeError("vllm serve did not become healthy:\n" + log_path.read_text()[-6000:])
-
-
 def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_env):
     """`vllm serve` + connector: a completion with chunk spans is answered from the store."""
     import blend
 
-    port, store = _free_port(), tmp_path / "kv"
-    ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
-           "kv_role": "kv_both",
-           "kv_connector_extra_config": {"store": {"backend": "local", "path": str(store)},
-                                         "admit": "always",
-                                         "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
-    log_path = tmp_path / "serve.log"
     # -P and a neutral cwd: import blend from the installed copy (with blend.patches),
     # never from the repo folder.
-    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
-           "--model", smollm2_path, "--dtype", "bfloat16", "--gpu-memory-utilization",
-           str(ENGINE["gpu_memory_utilization"]), "--seed", "0", "--host", "127.0.0.1",
-           "--port", str(port), "--kv-transfer-config", json.dumps(ktc)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-                                cwd=tempfile.gettempdir())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        t = time.time()
-        _wait_healthy(base, proc, log_path, SPAWN_TIMEOUT)
-        print(f"vllm serve healthy after {time.time() - t:.0f} s")
+    args = ["--dtype", "bfloat16", "--gpu-memory-utilization",
+            str(ENGINE["gpu_memory_utilization"]), "--seed", "0"]
+    with vllm_server(smollm2_path, blend_ktc(tmp_path / "kv", admit="always"),
+                     tmp_path / "serve.log", child_env, args, python=(sys.executable, "-P"),
+                     cwd=tempfile.gettempdir(), timeout_s=SPAWN_TIMEOUT) as base:
         from pydoc_data.topics import topics
 
         docs = [" ".join(topics[t].split())[:900] for t in ("raise", "assert", "pass")]
         p1 = blend.build_prompt(tok, "Answer from the documents.", docs, "Which statement raises?")
         body = {"model": smollm2_path, "prompt": p1.prompt_token_ids, "max_tokens": 8,
                 "temperature": 0.0, "kv_transfer_params": p1.kv_transfer_params()}
-        first = _post(base + "/v1/completions", body)
+        first = post(base + "/v1/completions", body)
         rep1 = first["kv_transfer_params"]["blend"]
         # The default miss path: vLLM prefills, the chunks are extracted from its blocks and
         # saved by the saver thread (CUDA streams, the extraction kernel).
@@ -363,8 +332,8 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_e
         # Same chunks in another order: the one completion answered from the store.
         p2 = blend.build_prompt(tok, "Answer from the documents.", docs[::-1],
                                 "Which statement raises?")
-        second = _post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,
-                                                  "kv_transfer_params": p2.kv_transfer_params()})
+        second = post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,
+                                                 "kv_transfer_params": p2.kv_transfer_params()})
         rep2 = second["kv_transfer_params"]["blend"]
         print(f"serve reports: first {rep1}; second {rep2}")
         assert second["choices"][0]["text"]
@@ -372,18 +341,12 @@ def test_f_vllm_serve_completion_with_spans(smollm2_path, tok, tmp_path, child_e
         # An OpenAI chat request with the documents pasted in, no spans: found by content.
         msgs = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "\n\n".join(docs[::-1]) + "\n\nWhich one raises?"}]
-        chat = _post(base + "/v1/chat/completions", {"model": smollm2_path, "messages": msgs,
-                                                    "max_tokens": 8, "temperature": 0.0})
+        chat = post(base + "/v1/chat/completions", {"model": smollm2_path, "messages": msgs,
+                                                   "max_tokens": 8, "temperature": 0.0})
         rep3 = chat["kv_transfer_params"]["blend"]
         print(f"chat report: {rep3}")
         assert chat["choices"][0]["message"]["content"]
         assert rep3["chunk_hits"] == 3 and rep3["num_external"] > 0, rep3
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_g_hot_path_has_no_device_sync(llm, cases, store_dir, smollm2_path, tmp_path, child_env):

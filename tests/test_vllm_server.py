@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import pytest
-from vllm_server import vllm_server
+from vllm_server import blend_ktc, cpu_args, post, vllm_server
 
 pytestmark = pytest.mark.vllm
 
 
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_path, tmp_path_factory, child_env):
-    store = tmp_path_factory.mktemp("kv")
-    ktc = {"kv_connector": "BlendConnector", "kv_connector_module_path": "blend.connector",
-           "kv_role": "kv_both",
-           "kv_connector_extra_config": {"store": f"local:{store}", "admit": "always",
-                                         "cache_fuse_metadata": {"recomp_ratio": 0.15}}}
-    with vllm_server(smollm2_path, ktc, tmp_path_factory.mktemp("log") / "serve.log",
-                     child_env) as base:
+    ktc = blend_ktc(tmp_path_factory.mktemp("kv"), admit="always")
+    with vllm_server(smollm2_path, ktc, tmp_path_factory.mktemp("log") / "serve.log", child_env,
+                     cpu_args()) as base:
         yield base, smollm2_path
 
 
@@ -43,7 +29,7 @@ def test_f_openai_completion_with_spans(server):
     p = blend.build_prompt(tok, "Answer from the documents.", docs, "Which statement raises?")
     body = {"model": model, "prompt": p.prompt_token_ids, "max_tokens": 8, "temperature": 0.0,
             "kv_transfer_params": p.kv_transfer_params()}
-    first = _post(base + "/v1/completions", body)
+    first = post(base + "/v1/completions", body)
     assert first["choices"][0]["text"]
     rep = first["kv_transfer_params"]["blend"]
     # All new: vLLM's own prefill; the chunks are saved out of its blocks afterwards.
@@ -51,7 +37,7 @@ def test_f_openai_completion_with_spans(server):
     assert rep["saved_chunks"] == 3, rep
     # Same chunks, other order: every chunk now comes from the store.
     p2 = blend.build_prompt(tok, "Answer from the documents.", docs[::-1], "Which statement raises?")
-    second = _post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,
+    second = post(base + "/v1/completions", {**body, "prompt": p2.prompt_token_ids,
                                               "kv_transfer_params": p2.kv_transfer_params()})
     rep2 = second["kv_transfer_params"]["blend"]
     assert rep2["chunk_hits"] == 3 and rep2["chunk_hit_tokens"] == rep2["chunk_tokens"]
