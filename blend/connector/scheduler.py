@@ -175,8 +175,8 @@ class BlendScheduler:
             spans = [(c.start, c.end) for c in found]
             src = [(c.src_start, c.src_len) for c in found]
             keys = [c.key for c in found]
-        spans_ok = [i for i, (s, e) in enumerate(spans) if e - s >= self.min_chunk_tokens]
-        if not spans_ok:
+        keep = [i for i, (s, e) in enumerate(spans) if e - s >= self.min_chunk_tokens]
+        if not keep:
             return None
         on_miss = params.get("on_miss", self.on_miss)
         if on_miss not in ("compute", "recompute", "prefill"):
@@ -190,11 +190,12 @@ class BlendScheduler:
                 log.warning("request %s: bad cache_fuse_metadata (%s); plain prefill", rid, exc)
                 self.stats["fallbacks"] += 1
                 return None
+        spans = [spans[i] for i in keep]
         if src is None:
             keys = [chunk_key(self.fingerprint, prompt[s:e]) for s, e in spans]
-        pick = spans_ok
-        return _Analysis([spans[i] for i in pick], [keys[i] for i in pick], on_miss, override,
-                         [src[i] for i in pick] if src is not None else None)
+        else:
+            keys, src = [keys[i] for i in keep], [src[i] for i in keep]
+        return _Analysis(spans, keys, on_miss, override, src)
 
     # -------------------------------------------------------------- lookups
     def _lookup(self, keys: list[str]) -> list[bool]:
