@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU harness, run ON the lent GPU machine from the repo root (see docs/gpu.md).
 #
-#   bash tools/gpu/device.sh stash                 # move the carried .gpu/pN part to /root/gparts
+#   bash tools/gpu/device.sh [--vllm 0.26|0.33] SUBCOMMAND...   (default 0.26: the image's torch 2.11;
+#                                                  # 0.33 brings torch 2.14, triton 3.8, NCCL 2.30)
+#   bash tools/gpu/device.sh stash                 # move the carried .gpu/<version>/pN part to /root/gparts-<version>
 #   bash tools/gpu/device.sh install               # unpack parts; vLLM + deps + gguf + project into
-#                                                  # /tmp/site; SmolLM2 bf16 from the carried GGUF
+#                                                  # /tmp/site-<version>; SmolLM2 bf16 from the carried GGUF
 #   bash tools/gpu/device.sh units                 # kernel + loader GPU tests -> $OUT/gpu_unit_tests.txt
 #   bash tools/gpu/device.sh tests                 # tests/test_vllm_gpu.py -> $OUT/vllm_gpu_tests.txt
 #   bash tools/gpu/device.sh bench [ARGS...]       # bench/ttft_vllm_gpu.py -> $OUT/ttft_vllm_gpu.json
@@ -21,9 +23,12 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-GPARTS=${GPARTS:-/root/gparts}
-SITE=${SITE:-/tmp/site}
-PAYLOAD=${PAYLOAD:-/root/gpayload}
+SERIES=${VLLM_SERIES:-0.26}
+if [ "${1:-}" = --vllm ]; then SERIES=$(echo "${2:?--vllm needs a version}" | cut -d. -f1,2); shift 2; fi
+case "$SERIES" in 0.26|0.33) ;; *) echo "device.sh: no recipe for vLLM $SERIES (0.26, 0.33)" >&2; exit 2 ;; esac
+GPARTS=${GPARTS:-/root/gparts-$SERIES}
+SITE=${SITE:-/tmp/site-$SERIES}
+PAYLOAD=${PAYLOAD:-/root/gpayload-$SERIES}
 export CACHEBLEND_HOME=${CACHEBLEND_HOME:-/root/cbhome}
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 export VLLM_USE_FLASHINFER_SAMPLER=0
@@ -32,11 +37,11 @@ mkdir -p "$OUT" "$GPARTS" "$SITE" "$CACHEBLEND_HOME"
 [ -f setup.py ] && [ -d blend ] || { echo "run from the repo root" >&2; exit 2; }
 # A device call may run 600 s: stop our own work before that, so that $OUT still comes back.
 left() { local l=$(( ${CALL_BUDGET:-580} - SECONDS )); [ "$l" -lt 60 ] && l=60; echo "$l"; }
-log() { echo "[device $(date +%H:%M:%S)] $*" | tee -a "$OUT/install.txt"; }
+log() { echo "[device $(date +%H:%M:%S) vllm $SERIES] $*" | tee -a "$OUT/install.txt"; }
 
 stash() {
   local n=0 f
-  for f in .gpu/p*/gpart_* .gpu/p*/manifest.txt; do
+  for f in .gpu/"$SERIES"/p*/gpart_* .gpu/"$SERIES"/p*/manifest.txt; do
     [ -e "$f" ] || continue
     mv -f "$f" "$GPARTS/" && n=$((n + 1))
   done
@@ -52,13 +57,13 @@ payload() {  # assemble + check + unpack the parts (once)
   have=$(ls "$GPARTS"/gpart_* 2>/dev/null | wc -l)
   if [ "$have" != "$want" ]; then
     log "payload: $have of $want parts in $GPARTS; missing: $(for i in $(seq 0 $((want - 1))); do \
-        f=$(printf gpart_%02d "$i"); [ -e "$GPARTS/$f" ] || printf '%s (carry .gpu/p%d) ' "$f" $((i + 1)); done)"
+        f=$(printf gpart_%02d "$i"); [ -e "$GPARTS/$f" ] || printf '%s (carry .gpu/%s/p%d) ' "$f" "$SERIES" $((i + 1)); done)"
     return 1
   fi
   (cd "$GPARTS" && grep ' gpart_' manifest.txt | sha256sum -c --quiet -) || { log "payload: checksum mismatch"; return 1; }
   rm -rf "$PAYLOAD.tmp" && mkdir -p "$PAYLOAD.tmp"
   log "payload: unpacking $want parts"
-  cat "$GPARTS"/gpart_* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1], filter='tar')" "$PAYLOAD.tmp" \
+  cat "$GPARTS"/gpart_* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|*').extractall(sys.argv[1], filter='tar')" "$PAYLOAD.tmp" \
     || { log "payload: unpack failed"; return 1; }
   rm -rf "$PAYLOAD" && mv "$PAYLOAD.tmp" "$PAYLOAD" && touch "$PAYLOAD/.done"
 }
@@ -67,7 +72,7 @@ install_vllm() {
   [ -f "$SITE/.vllm_done" ] && { log "vllm: already in $SITE"; return 0; }
   payload || return 1
   log "vllm: into $SITE"
-  cp -a "$PAYLOAD"/site/. "$SITE"/ || return 1
+  if [ -d "$PAYLOAD/site" ]; then cp -a "$PAYLOAD"/site/. "$SITE"/ || return 1; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$PAYLOAD"/wheels/*.whl >>"$OUT/install.txt" 2>&1 || { log "vllm: pip install of the wheels failed"; return 1; }
   local w mod
@@ -78,8 +83,11 @@ install_vllm() {
       >>"$OUT/install.txt" 2>&1 || { log "opt: $w failed"; return 1; }
     log "opt: installed $(basename "$w")"
   done
-  python3 -c "import vllm, gguf; print('vllm', vllm.__version__, 'gguf', gguf.__file__)" >>"$OUT/install.txt" 2>&1 \
-    || { log "vllm: import failed (see install.txt)"; return 1; }
+  # The first thing that breaks when a carried torch meets the image's CUDA libraries (a missing
+  # symbol, an old NCCL) breaks here, with its message in install.txt.
+  python3 -P -c "import torch, vllm, gguf; x = torch.ones(64, 64, device='cuda', dtype=torch.bfloat16); \
+print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, (x @ x).sum().item())" \
+    >>"$OUT/install.txt" 2>&1 || { log "vllm: import or first CUDA op failed:"; tail -3 "$OUT/install.txt"; return 1; }
   touch "$SITE/.vllm_done"
 }
 
@@ -108,10 +116,11 @@ install_model() {  # SmolLM2 bf16 folder, made by blend.assets from the carried 
 
 write_env() {
   cat > /root/gpu-env.sh <<ENV
-export PYTHONPATH=$SITE VLLM_USE_FLASHINFER_SAMPLER=0 CACHEBLEND_HOME=$CACHEBLEND_HOME TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$SITE VLLM_SERIES=$SERIES VLLM_USE_FLASHINFER_SAMPLER=0 CACHEBLEND_HOME=$CACHEBLEND_HOME TOKENIZERS_PARALLELISM=false
 ENV
   { echo "== $(date -u)"; nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
     python3 -P -c "import torch, triton, transformers, vllm, blend; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__, 'blend', blend.__file__)"
+    python3 -P -m pip list 2>/dev/null | grep -i -E "^(torch|triton|nvidia-|cuda-|flashinfer)"
     python3 -P -m blend.cli verify 2>&1 | tail -20; } >>"$OUT/env.txt" 2>&1
 }
 
@@ -161,7 +170,7 @@ serve() {  # stops starting runs 30 s before the call's budget; py-spy is looked
   SITE=$SITE run_script serve_rag --out "$OUT" --budget-s "$(( $(left) - 30 ))" "$@"
 }
 
-[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }
 rc=0
 while [ $# -gt 0 ]; do
   cmd=$1; shift
