@@ -16,7 +16,7 @@ from dataclasses import dataclass
 SUPPORTED: dict[str, str] = {
     "0.26": "0.26.0 (GPU build for torch 2.11, run on the H200)",
     "0.32": "0.32.0 (CPU build, run in CI)",
-    "0.33": "0.33 (GPU build, read from source)",
+    "0.33": "0.33.0 (GPU build for torch 2.14, run on the H200)",
 }
 
 

@@ -23,11 +23,11 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-SERIES=${VLLM_SERIES:-0.26}
+SERIES=${VLLM_SERIES:-0.33}  # the current release; --vllm 0.26 for the image-torch build
 if [ "${1:-}" = --vllm ]; then SERIES=$(echo "${2:?--vllm needs a version}" | cut -d. -f1,2); shift 2; fi
 case "$SERIES" in 0.26|0.33) ;; *) echo "device.sh: no recipe for vLLM $SERIES (0.26, 0.33)" >&2; exit 2 ;; esac
 GPARTS=${GPARTS:-/root/gparts-$SERIES}
-SITE=${SITE:-/tmp/site-$SERIES}
+export SITE=${SITE:-/tmp/site-$SERIES}  # serve_rag.py looks for py-spy in $SITE/bin
 PAYLOAD=${PAYLOAD:-/root/gpayload-$SERIES}
 export CACHEBLEND_HOME=${CACHEBLEND_HOME:-/root/cbhome}
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -167,7 +167,7 @@ bench() { run_script ttft_vllm_gpu --out "$OUT/ttft_vllm_gpu.json" "$@"; }
 profile() { run_script profile_vllm_gpu --out "$OUT" "$@"; }
 serve() {  # stops starting runs 30 s before the call's budget; py-spy is looked up in $SITE/bin
   install_project || return 1
-  SITE=$SITE run_script serve_rag --out "$OUT" --budget-s "$(( $(left) - 30 ))" "$@"
+  run_script serve_rag --out "$OUT" --budget-s "$(( $(left) - 30 ))" "$@"
 }
 
 [ $# -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }

@@ -17,7 +17,7 @@
 # Env: PART_BYTES (default 58000000: a part plus the ~4 MB tree stays under a call's 64 MiB),
 # PACK_CACHE (downloaded wheels, reused; default ~/.cache/cacheblend/gpu-pack), DEST (.gpu).
 set -euo pipefail
-SERIES=0.26
+SERIES=0.33
 while [ $# -gt 0 ]; do
   case "$1" in
     --vllm) SERIES=$(echo "$2" | cut -d. -f1,2); shift 2 ;;
