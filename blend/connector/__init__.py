@@ -28,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from blend.api import check_extra_config
 from blend.config import BlendConfig
+from blend.connector.guards import check_load_before_forward
 from blend.connector.metadata import BlendConnectorMetadata
 from blend.log import get_logger
 
@@ -102,6 +103,7 @@ class BlendConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, BlendConnectorMetadata)
+        check_load_before_forward(bool(meta.requests), kwargs.get("scheduler_output"))
         self._worker.start_load_kv(meta.requests)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

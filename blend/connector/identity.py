@@ -45,6 +45,21 @@ def rope_config(hf_config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
+def _with_yarn_impl(rope: dict[str, Any]) -> dict[str, Any]:
+    """YaRN's attention scaling is folded into the stored K, and vLLM 0.33 computes it from
+    other config fields than 0.26 did (`attention_factor`/`mscale` against `attn_factor`), so
+    one store must not serve YaRN chunk KV across vLLM minor versions."""
+    scaling = [rope.get(k) for k in ("rope_parameters", "rope_scaling")]
+    if any(isinstance(d, dict) and "yarn" in (d.get("rope_type"), d.get("type"))
+           for d in scaling):
+        import vllm
+
+        from blend.patches.table import version_key
+
+        return {**rope, "vllm_yarn": version_key(vllm.__version__)}
+    return rope
+
+
 def vllm_identity(vllm_config: Any, tp_rank: int = 0) -> dict[str, Any]:
     mc = vllm_config.model_config
     hf = mc.hf_text_config
@@ -58,7 +73,7 @@ def vllm_identity(vllm_config: Any, tp_rank: int = 0) -> dict[str, Any]:
         "num_layers": int(hf.num_hidden_layers),
         "num_kv_heads": int(mc.get_total_num_kv_heads()),
         "head_dim": int(mc.get_head_size()),
-        "rope": rope_config(hf),
+        "rope": _with_yarn_impl(rope_config(hf)),
         "tp_rank": int(tp_rank),
         "tp_size": int(pc.tensor_parallel_size),
         "kv_layout": KV_LAYOUT,

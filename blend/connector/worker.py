@@ -33,6 +33,7 @@ from blend.blender import Blender, BlendSeq, BlendTrace
 from blend.chunk_kv import compute_chunk_kv
 from blend.chunk_loader import ChunkSource, LayerLoad, Piece, source_for
 from blend.config import BlendConfig
+from blend.connector.guards import check_block_size, check_kv_dtype
 from blend.connector.identity import vllm_identity
 from blend.connector.kv_layout import layer_views, probe_cpu_layout
 from blend.connector.metadata import BlendRequest, SaveRequest
@@ -150,6 +151,7 @@ class BlendWorker:
         self.tp = group if group.world_size > 1 else None
         if self.trace_dir and self.rank:  # each rank traces its own selection
             self.trace_dir = os.path.join(self.trace_dir, f"rank{self.rank}")
+        check_kv_dtype(self.vllm_config.cache_config.cache_dtype)
         names = sorted(kv_caches, key=_layer_index)
         if len(names) != adapter.num_layers:
             raise RuntimeError(f"cacheblend: {len(names)} KV cache layers for a "
@@ -164,6 +166,7 @@ class BlendWorker:
             if backend == "CPU_ATTN" and layout is None:
                 layout = self._probe_cpu(kv, adapter)
             k, v = layer_views(kv, backend, layout)
+            check_block_size(k.shape[1], self.block_size, backend)
             ks.append(k)
             vs.append(v)
             raw[k.data_ptr()] = kv
@@ -253,9 +256,6 @@ class BlendWorker:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         cache_dtype = self.vllm_config.cache_config.cache_dtype
-        if cache_dtype not in (None, "auto"):
-            raise RuntimeError(f"cacheblend: kv_cache_dtype {cache_dtype!r} is not supported "
-                               "(quantized KV cannot be blended); use 'auto'")
         self._isa = _get_attn_isa(kv.dtype, self.block_size, adapter.head_dim, cache_dtype)
         return probe_cpu_layout(self._isa, kv.shape[1], self.block_size, adapter.head_dim,
                                 kv.dtype)
