@@ -52,6 +52,8 @@ class BlendSeq:
     # connector, where vLLM computes the question itself): forced up to the last check
     # layer, then dropped; no logits. Their K/V writes there are provisional.
     num_probes: int = 0
+    # Test-only (blend/faults.py): rows [lo, hi) of the chunk a `rope` fault shifts.
+    fault_span: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -158,7 +160,10 @@ class Blender:
         n_cached = [n - f for n, f in zip(lens, n_forced)]
         forced = _h2d(torch.cat(forced_host), dev)
         # Test-only fault (blend/faults.py): +1 on the rows whose RoPE or mask it breaks.
-        bad = None if self.fault is None else _h2d(fault_rows(self.fault, forced_host), dev)
+        bad = None
+        if self.fault is not None and blend:
+            spans = [s.fault_span for s in seqs]
+            bad = _h2d(fault_rows(self.fault, spans, forced_host), dev)
         # No full-token check layer in the cheap mode: a probe pass of the question picks
         # the recomputed set before layer 0 (below), and nothing is filtered after.
         cheap = blend and cfg.selection == "cheap" and any(qrows)

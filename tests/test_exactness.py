@@ -170,3 +170,23 @@ def test_mismatched_inputs_raise():
 
 def test_tolerances_are_the_documented_ones():
     assert TIE_NATS == 0.3 and KL_MAX == 0.02 and MIN_PROMPTS == 10
+
+
+def test_fault_hook_rows(monkeypatch):
+    """The test-only faults hit what blend/faults.py says: a chunk's rows, or row 0."""
+    import torch
+
+    from blend import faults
+
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.active() is None
+    monkeypatch.setenv(faults.ENV, "rope")
+    assert faults.active() == "rope"
+    monkeypatch.setenv(faults.ENV, "ropes")
+    with pytest.raises(ValueError, match="expected one of"):
+        faults.active()
+    forced = torch.tensor([1, 1, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert faults.fault_rows("rope", [(3, 5)], [forced]).tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert faults.fault_rows("rope", [None], [forced]).tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    assert faults.fault_rows("mask", [None, None], [forced, forced[:3]]).tolist() == \
+        [1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]

@@ -361,16 +361,19 @@ class BlendWorker:
                 continue  # stays forced: recomputed like text
             slots = slots_for(row, torch.arange(lo, hi), self.block_size)  # host: no sync
             row0 = ch.start - ch.src_start  # where the stored chunk's row 0 sits
-            # Test-only fault (blend/faults.py): the first chunk's K one position too far.
-            shift = int(not pieces and self.blender.fault == "rope")
-            pieces.append(Piece(src, lo - row0, hi - row0, slots, row0 + shift))
+            pieces.append(Piece(src, lo - row0, hi - row0, slots, row0))
             forced[lo - p0: hi - p0] = False
             if sink and ch.start >= p0:
                 forced[ch.start - p0: min(ch.start + sink, hi) - p0] = True
         probe = question_probes(req, config, self.block_size)
         ids = torch.tensor(req.token_ids[p0:end] + probe, dtype=torch.long)
         forced = torch.cat([forced, torch.ones(len(probe), dtype=torch.bool)])
-        return BlendSeq(ids, p0, row, forced, num_probes=len(probe)), pieces
+        seq = BlendSeq(ids, p0, row, forced, num_probes=len(probe))
+        if self.blender.fault == "rope" and pieces:  # test-only (blend/faults.py)
+            last = pieces[-1]
+            last.delta += 1  # its cached K re-rotated one position too far
+            seq.fault_span = (last.lo + last.delta - 1 - p0, last.hi + last.delta - 1 - p0)
+        return seq, pieces
 
     def start_load_kv(self, requests: list[BlendRequest]) -> None:
         if not requests:
