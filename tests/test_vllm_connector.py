@@ -288,12 +288,12 @@ pytestmark = pytest.mark.vllm
 
 def test_a_exact_at_ratio_one(llm, cases, reference):
     """recomp_ratio=1.0 through the whole connector is plain vLLM: the master check
-    (`blend/exactness.py`: mean first-answer-token KL <= 0.02, greedy tokens equal up to a
-    plain near-tie of <= 0.3 nats, the tolerances bf16 forces) over 10 prompts of 4 chunks.
-
-    This module runs fp32, where r=1.0 is bit-close: the figures printed are ~1e-6 and
-    every answer is identical; so it is also asserted that no prompt diverges at all. The
-    criterion's power to fail is shown in tests/test_verify_model.py (injected faults).
+    (`blend/exactness.py`) over 10 prompts of 4 chunks, with fp32's tolerances since this
+    module runs fp32: mean first-answer-token KL <= 1e-3, greedy tokens equal up to a plain
+    near-tie of <= 0.01 nats (bf16 would force 0.01 and 0.3: a bf16 logit between 16 and 32
+    moves in steps of 0.125; tests/test_vllm_gpu.py). In fp32 r=1.0 is bit-close, so it is
+    also asserted that no prompt diverges at all. The criterion's power to fail is shown in
+    tests/test_verify_model.py (injected faults).
     """
     import blend
     from blend.exactness import Answer, answer_from_vllm, judge
@@ -305,7 +305,7 @@ def test_a_exact_at_ratio_one(llm, cases, reference):
         rep = _report(o)
         assert rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
     plain = [Answer(r["tokens"], r["rows"]) for r in reference.part("exact")]
-    res = judge(plain, [answer_from_vllm(o) for o in outs])
+    res = judge(plain, [answer_from_vllm(o) for o in outs], dtype=ENGINE["dtype"])
     print(f"r=1.0 master check (fp32):\n{res.table()}\n{res.summary()}")
     assert res.passed, res.summary()
     assert res.identical == len(outs), res.table()  # fp32: no near-tie flips either

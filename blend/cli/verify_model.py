@@ -93,7 +93,8 @@ def _child(role: str, model: str, cases_path: str, out_path: str, engine_json: s
                                      cache_fuse_metadata={"recomp_ratio": 1.0}) for c in cases]
     t = time.time()
     outs = llm.generate(prompts, sp, use_tqdm=False)
-    res = {"seconds": time.time() - t, "answers": []}
+    dtype = str(llm.llm_engine.model_config.dtype).replace("torch.", "")
+    res = {"seconds": time.time() - t, "dtype": dtype, "answers": []}
     for o in outs:
         c = o.outputs[0]
         res["answers"].append({
@@ -152,7 +153,7 @@ def verify_model(args: argparse.Namespace) -> int:
     """Plain vs blended at r=1.0 on the built-in prompts; prints figures and PASS/FAIL."""
     from transformers import AutoTokenizer
 
-    from blend.exactness import Answer, judge
+    from blend.exactness import MIN_PROMPTS, Answer, judge, tolerance
     from blend.faults import ENV as FAULT_ENV
 
     engine = engine_args(args)
@@ -183,11 +184,15 @@ def verify_model(args: argparse.Namespace) -> int:
         print(f"{role:>5} engine: {time.time() - t:.0f} s in all, "
               f"{res['seconds']:.1f} s generating", flush=True)
         runs[role] = res["answers"]
+        dtype = res["dtype"]
     missing = [i for i, a in enumerate(runs["blend"])
                if not (a["report"] and a["report"].get("num_external", 0) > 0)]
     plain = [Answer(a["tokens"], a["rows"]) for a in runs["plain"]]
     blended = [Answer(a["tokens"], a["rows"]) for a in runs["blend"]]
-    result = judge(plain, blended, min_prompts=min(args.prompts, 10))
+    kl_max, tie = tolerance(dtype)
+    print(f"engine dtype {dtype}: tolerances mean first-token KL <= {kl_max:g}, near-tie "
+          f"<= {tie:g} nats (blend/exactness.py says why)")
+    result = judge(plain, blended, dtype=dtype, min_prompts=min(args.prompts, MIN_PROMPTS))
     print(result.table())
     if missing:
         result.passed = False
