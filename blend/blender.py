@@ -31,6 +31,8 @@ import torch
 
 from blend.attention import BlendOps, get_ops
 from blend.config import BlendConfig, num_recompute
+from blend.faults import active as active_fault
+from blend.faults import fault_rows
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
 from blend.selection import combine, per_token, query_mass
@@ -50,6 +52,8 @@ class BlendSeq:
     # connector, where vLLM computes the question itself): forced up to the last check
     # layer, then dropped; no logits. Their K/V writes there are provisional.
     num_probes: int = 0
+    # Test-only (blend/faults.py): rows [lo, hi) of the chunk a `rope` fault shifts.
+    fault_span: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -92,11 +96,13 @@ class Blender:
         self.config.check_model(adapter.num_layers)
         self.ops = ops or get_ops(self.config.attention_backend, adapter.device)
         self._cos_sin: torch.Tensor | None = None
+        self.fault = active_fault()  # test-only (blend/faults.py); None in production
 
     def with_config(self, config: BlendConfig) -> Blender:
         """Same model and ops, other knobs (cheap: shares the RoPE table)."""
         other = Blender(self.adapter, config, self.ops)
         other._cos_sin = self._cos_sin
+        other.fault = self.fault
         return other
 
     def delta_table(self, max_delta: int) -> torch.Tensor:
@@ -153,6 +159,11 @@ class Blender:
         n_forced = [int(f.sum()) for f in forced_host]
         n_cached = [n - f for n, f in zip(lens, n_forced)]
         forced = _h2d(torch.cat(forced_host), dev)
+        # Test-only fault (blend/faults.py): +1 on the rows whose RoPE or mask it breaks.
+        bad = None
+        if self.fault is not None and blend:
+            spans = [s.fault_span for s in seqs]
+            bad = _h2d(fault_rows(self.fault, spans, forced_host), dev)
         # No full-token check layer in the cheap mode: a probe pass of the question picks
         # the recomputed set before layer 0 (below), and nothing is filtered after.
         cheap = blend and cfg.selection == "cheap" and any(qrows)
@@ -213,9 +224,11 @@ class Blender:
             if trace is not None:
                 trace.deviation[max(cfg.check_layers)] = (pos.cpu(), score.float().cpu())
             ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
+            bad = None if bad is None else bad[keep]
             if drop_rows is not None:  # the probe pass was their only use
                 rows = to_device(drop_rows, device)
                 ids, pos, slots, forced = ids[rows], pos[rows], slots[rows], forced[rows]
+                bad = None if bad is None else bad[rows]
                 qrows = outs
         h = a.embed(ids)
         act_pos, act_slots, act_forced, act_cu = pos, slots, forced, start_cu
@@ -226,7 +239,8 @@ class Blender:
         for layer in range(a.num_layers):
             hook(layer)
             k_cache, v_cache = kv.layer(layer)
-            q, k, v, h = a.qkv(layer, h, act_pos)
+            rope_pos = act_pos if bad is None or self.fault != "rope" else act_pos + bad
+            q, k, v, h = a.qkv(layer, h, rope_pos)
             fused = False
             if layer in checks:
                 d, fused = self._check_scores(q, k, v, k_cache, v_cache, act_slots, q_pos, act_cu,
@@ -241,6 +255,7 @@ class Blender:
                     qrows = outs
                 h, q, k, v = h[keep], q[keep], k[keep], v[keep]
                 act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
+                bad = None if bad is None else bad[keep]
                 q_pos = act_pos.to(torch.int32)
                 if act_cu[-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
@@ -255,13 +270,16 @@ class Blender:
                 h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
             else:
                 q_cu = act_cu
+            attn_pos = q_pos
+            if bad is not None and self.fault == "mask" and layer != last:
+                attn_pos = q_pos + bad.to(torch.int32)  # sees one future key
             if trace is not None:  # the last layer computes only K/V for context tokens: count it
                 trace.token_layers += act_cu[-1] - sum(qrows)
             # Dense: every position of each request is a query (before the first check, in a
             # plain prefill, or after checks that kept everything, as at r=1), or only its tail
             # (the output rows of the last layer).
             dense = act_cu == cu or layer == last
-            o = ops.attend(dense)(q, k_cache, v_cache, q_pos, q_cu, block_table, seq_lens,
+            o = ops.attend(dense)(q, k_cache, v_cache, attn_pos, q_cu, block_table, seq_lens,
                                   a.scale)
             h = a.finish_layer(layer, h, o)
             if layer == last:

@@ -9,8 +9,9 @@ Engines started: plain vLLM in a fresh process (all references, one start), one
 in-process engine with the connector (a, b, d), a `vllm serve` process (f) and a
 fresh engine with `BLEND_SYNC_CHECK=1` (g): four starts.
 
-- (a) recomp_ratio=1.0 reproduces plain vLLM: same greedy tokens, output logprobs
-  within bf16 tolerance, a `blend` report on every blended request;
+- (a) recomp_ratio=1.0 reproduces plain vLLM by the master check (`blend/exactness.py`)
+  over 10 prompts: mean first-answer-token KL <= 0.01, greedy tokens equal up to a plain
+  near-tie (<= 0.3 nats), a `blend` report on every blended request;
 - (b) chunks stored by a first pass and reused in another order and position:
   >= 99% of chunk tokens from the store, and the first-answer-token KL to plain
   vLLM within 10% of the CPU engine's on the same token ids
@@ -50,15 +51,13 @@ KL_REFERENCE = ROOT / "bench" / "results" / "kl_reference.json"
 ENGINE = dict(dtype="bfloat16", gpu_memory_utilization=0.3, seed=0)
 GEN = 16
 LOGPROBS = 20  # vLLM's default max_logprobs
-LP_ATOL = 0.25  # per generated token, |logprob plain - logprob blend| at r=1.0 (bf16 logits)
-LP_MEAN_ATOL = 0.05
 # bf16 greedy decoding flips on near-ties, and plain vLLM itself is not batch-invariant:
 # on vLLM CPU bf16, 3 of the 8 plain requests in the 16-request mix left their plain
 # references (at ties of 0.25 nats), and an r=1.0 blend left plain vLLM at token 13 where
 # plain's top two were 0.25 apart. A bf16 logit between 16 and 32 moves in steps of 0.125.
 # So "identical" means: identical, or identical up to a position where plain vLLM's own top
 # two are within TIE_NATS (two such steps plus rounding), after which the texts differ.
-TIE_NATS = 0.3
+TIE_NATS = 0.3  # = blend.exactness.TIE_NATS, which (a) uses through the master check
 KL_SLACK = 1.10  # (b): GPU KL <= 1.1 x the CPU engine's on the same prompts
 SPAWN_TIMEOUT = 420
 SYS_A = "You are a helpful assistant."
@@ -107,6 +106,11 @@ def _cases(tok) -> dict:
     P = _passages(60)  # all of pydoc's passages of >= 700 characters; (b) uses P[:48]
     exact = [build_prompt(tok, SYS_A, P[40 + 4 * i: 44 + 4 * i], QUESTIONS[i],
                           cache_fuse_metadata={"recomp_ratio": 1.0}) for i in range(5)]
+    # The master check judges >= 10 prompts: five more, the same chunks in another order
+    # behind another system line (pydoc has only 60 long passages), served from the store.
+    exact += [build_prompt(tok, SYS_C, [P[42 + 4 * i], P[40 + 4 * i], P[43 + 4 * i],
+                                        P[41 + 4 * i]], QUESTIONS[(i + 2) % 5],
+                           cache_fuse_metadata={"recomp_ratio": 1.0}) for i in range(5)]
     # (d): the reused chunks behind a new system prompt and question, so that vLLM's
     # prefix cache holds none of it and every one of them really blends.
     mixed_blend = []
@@ -240,27 +244,39 @@ def _sp(**kw):
 
 # ----------------------------------------------------------------- tests
 def test_a_exact_at_ratio_one(llm, cases, reference):
-    """r=1.0 through the connector: plain vLLM's greedy tokens and output logprobs."""
+    """r=1.0 through the connector is plain vLLM, by the master check (`blend/exactness.py`)
+    over 10 prompts of 4 chunks: mean first-answer-token KL <= KL_MAX (0.01) and greedy
+    tokens equal to plain vLLM's up to, at most, a position where plain's own top two are
+    within TIE_NATS (0.3).
+
+    Why these tolerances, and not per-token logprob bounds: bf16 forces them. A bf16 logit
+    between 16 and 32 moves in steps of 0.125, so two runs of the same math grouped
+    differently (the blend's kernels vs vLLM's; vLLM against itself across batch
+    compositions) can flip a top-two gap of up to two steps plus rounding (0.3 nats), and
+    after such a flip the texts differ. Per-token logprob limits over the few tokens before
+    a flip failed on exactly that (H200: prompt 1 left plain vLLM after 2 tokens, mean
+    |d logprob| 0.068 > 0.05) while the 24-prompt KL was 0.003. The mean KL over prompts
+    averages the rounding out: 0.01 is a typical per-logit disagreement of 0.14 nats
+    (KL ~ 1/2 Var(d logit)), 3x the H200's r=1.0 figure (0.003). The price: a bug that
+    moves the answer less than bf16 rounding does is invisible in bf16 (one wrong mask
+    on the attention sink: KL 0.006-0.01 in fp32). tests/test_verify_model.py shows, on
+    vLLM CPU fp32, that the criterion fails with one chunk's RoPE off by one and with one
+    recomputed token's causal mask wrong.
+    """
     import blend
+    from blend.exactness import Answer, answer_from_vllm, judge
 
     prompts = [blend.BlendPrompt(ids, spans, cache_fuse_metadata={"recomp_ratio": 1.0})
                for ids, spans in cases["exact"]]
     outs = llm.generate(prompts, _sp(logprobs=LOGPROBS), use_tqdm=False)
-    worst, split = [], []
-    for i, (o, ref) in enumerate(zip(outs, reference["exact"])):
+    for i, o in enumerate(outs):
         rep = _report(o)
         assert rep and rep["chunks"] == 4 and rep["num_external"] > 0, (i, rep)
-        at = _divergence(list(o.outputs[0].token_ids), ref)
-        split.append(at)
-        n = GEN if at is None else at + 1  # logprobs compared up to the tie, inclusive
-        diffs = [abs(a - b) for a, b in zip(_chosen_logprobs(o)[:n], ref["logprobs"][:n])]
-        if at is not None:  # at the tie itself: the same token's logprob in both runs
-            diffs[-1] = abs(_row(o, at)[str(ref["tokens"][at])] - ref["logprobs"][at]) \
-                if str(ref["tokens"][at]) in _row(o, at) else 0.0
-        worst.append(max(diffs))
-        assert max(diffs) <= LP_ATOL and sum(diffs) / len(diffs) <= LP_MEAN_ATOL, (i, diffs)
-    print(f"r=1.0: {len(outs)} prompts x {GEN} tokens; first divergence at a near-tie "
-          f"(None = identical) {split}; max |d logprob| per prompt {[round(w, 4) for w in worst]}")
+    res = judge([Answer(r["tokens"], r["rows"]) for r in reference["exact"]],
+                [answer_from_vllm(o) for o in outs], dtype=ENGINE["dtype"])
+    print(f"r=1.0 master check ({len(outs)} prompts x {GEN} tokens):\n{res.table()}\n"
+          f"{res.summary()}")
+    assert res.passed, res.summary()
 
 
 def test_b_reuse_other_order_and_position(llm, cases, reference):

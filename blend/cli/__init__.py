@@ -1,4 +1,5 @@
-"""`cacheblend` command line: verify the vLLM patches, precompute chunk KV, run the TTFT bench."""
+"""`cacheblend` command line: verify the vLLM patches (and, with --model, the blend itself on
+the user's engine), precompute chunk KV, run the TTFT bench."""
 
 from __future__ import annotations
 
@@ -44,7 +45,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ok &= good
     if not ok:
         print("some patch points are not in place; see docs/vllm_internals.md", file=sys.stderr)
-    return 0 if ok else 1
+        return 1
+    if args.model:  # the master check on the user's own engine and model
+        from blend.cli.verify_model import verify_model
+
+        return verify_model(args)
+    return 0
 
 
 def _read_chunks(paths: list[str]) -> list[str]:
@@ -97,8 +103,24 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cacheblend", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("verify", help="print each vLLM patch point's status")
+    v = sub.add_parser("verify", help="print each vLLM patch point's status; with --model, "
+                       "check that blended r=1.0 answers are plain vLLM's (PASS/FAIL)")
     v.add_argument("--store", default=None, help="store spec to check (default: local)")
+    v.add_argument("--model", default=None,
+                   help="model path or name: start plain vLLM and vLLM with the connector on it "
+                        "and compare them (recomp_ratio=1.0, built-in prompts)")
+    v.add_argument("--dtype", default=None, help="passed to vLLM (default: vLLM's)")
+    v.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="passed to vLLM; each engine runs alone, one after the other")
+    v.add_argument("--max-model-len", type=int, default=None, help="passed to vLLM")
+    v.add_argument("--tensor-parallel-size", type=int, default=None, help="passed to vLLM")
+    v.add_argument("--seed", type=int, default=None, help="passed to vLLM")
+    v.add_argument("--enforce-eager", action="store_true", help="passed to vLLM")
+    v.add_argument("--trust-remote-code", action="store_true", help="passed to vLLM")
+    v.add_argument("--prompts", type=int, default=10,
+                   help="built-in prompts to judge (default 10, the check's minimum)")
+    v.add_argument("--timeout", type=float, default=1800,
+                   help="seconds allowed to each engine (start-up and generation)")
     v.set_defaults(func=cmd_verify)
     p = sub.add_parser("precompute", help="compute and store chunk KV through vLLM")
     p.add_argument("--model", required=True, help="model path or name")

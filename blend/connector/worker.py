@@ -368,7 +368,12 @@ class BlendWorker:
         probe = question_probes(req, config, self.block_size)
         ids = torch.tensor(req.token_ids[p0:end] + probe, dtype=torch.long)
         forced = torch.cat([forced, torch.ones(len(probe), dtype=torch.bool)])
-        return BlendSeq(ids, p0, row, forced, num_probes=len(probe)), pieces
+        seq = BlendSeq(ids, p0, row, forced, num_probes=len(probe))
+        if self.blender.fault == "rope" and pieces:  # test-only (blend/faults.py)
+            last = pieces[-1]
+            last.delta += 1  # its cached K re-rotated one position too far
+            seq.fault_span = (last.lo + last.delta - 1 - p0, last.hi + last.delta - 1 - p0)
+        return seq, pieces
 
     def start_load_kv(self, requests: list[BlendRequest]) -> None:
         if not requests:
