@@ -689,7 +689,7 @@ def breakdown_row(e: Engine, tdir: Path, P: Prompts, chunks: list[str], meta: di
                                           - tm["blend"], 2)
     prof = e.call(op="profile", prompts=[P.build(chunks) for _ in range(profiled)], meta=meta)
     out.update({k: prof.get(k) for k in ("kernel_launches", "kernel_ms", "cpu_ms_per_request",
-                                         "cacheblend_cpu_ms", "wall_ms", "top_gpu")})
+                                         "cacheblend_cpu_ms", "wall_ms", "top_gpu", "tracing_off")})
     return out
 
 
