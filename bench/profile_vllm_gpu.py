@@ -9,7 +9,7 @@ kernel launches, the CPU time inside the connector's `cacheblend.*` ranges, and 
 and CPU ops. A blend whose kernel time is far below its wall time, with thousands of launches,
 is launch-bound. `--trace` also writes a gzipped Chrome trace.
 
-    python bench/profile_vllm_gpu.py --context 8192 [--tier host|gpu] [--out DIR]
+    python bench/profile_vllm_gpu.py --context 8192 [--chunks 8] [--tier host|gpu] [--out DIR]
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def _summary(prof, wall_ms: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--chunks", type=int, default=8,
+                    help="chunks filling the context (16 at 8k, 32 at 32k: issue 23's RAG shapes)")
     ap.add_argument("--tier", choices=("host", "gpu"), default="host")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=2)
@@ -75,7 +77,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
-    from ttft_vllm_gpu import N_CHUNKS, Prompts, ensure_model
+    from ttft_vllm_gpu import Prompts, ensure_model
     from vllm import LLM, SamplingParams
 
     import blend
@@ -84,7 +86,7 @@ def main() -> None:
     model = Path(args.model) if args.model else ensure_model(model_path())
     tok = AutoTokenizer.from_pretrained(model)
     P = Prompts(tok)
-    chunks = P.chunks(N_CHUNKS, args.context // N_CHUNKS - 8)
+    chunks = P.chunks(args.chunks, args.context // args.chunks - 8)
     work = Path(tempfile.mkdtemp(prefix="cacheblend-profile-"))
     store = {"backend": "local", "path": str(work / "kv"),
              "gpu_bytes": 0 if args.tier == "host" else "8GiB"}
@@ -107,7 +109,7 @@ def main() -> None:
         wall = [one() for _ in range(args.runs)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"context": args.context, "tier": args.tier, "device": torch.cuda.get_device_name()
+    res = {"context": args.context, "chunks": args.chunks, "tier": args.tier, "device": torch.cuda.get_device_name()
            if torch.cuda.is_available() else "cpu", **_summary(prof, wall)}
     (out / "profile_vllm_gpu.json").write_text(json.dumps(res, indent=1) + "\n")
     if args.trace:

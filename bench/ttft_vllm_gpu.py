@@ -6,25 +6,38 @@ Issue 11's benchmark, run on the lent H200 (`bash tools/gpu/device.sh bench`, do
   14336, vocab 128256, rope_theta 500000) with random bf16 weights, made on the GPU with
   `transformers` and saved as safetensors (once per machine), with SmolLM2's tokenizer
   (every token id we send is < its vocab of 49152).
-- Prompts: a system prompt, 8 chunks of real prose (Python's language reference) and a
-  64-token question; 8k and 32k contexts. Every run has a fresh system prompt (so vLLM's
-  prefix cache, on as by default, cannot serve plain vLLM the context), the chunks in a
-  new order and a fresh question; the chunks are precomputed with `blend.precompute`.
+- Prompts: a system prompt, chunks of real prose (Python's language reference) and a
+  64-token question. Row sets (`--sets`, CHUNKSxTOKENS): 8 x 1,016 (8k) and 8 x 4,088 (32k),
+  issue 11's rows; 16 x 512 (8k) and 32 x 1,000 (32k), the chunk counts of real RAG prompts
+  (issue 23). Every run has a fresh system prompt (so vLLM's prefix cache, on as by
+  default, cannot serve plain vLLM the context), the chunks in a new order and a fresh
+  question; the chunks are precomputed with `blend.precompute`. Miss rows (`--miss 1,16`):
+  the 16 x 512 shape with 1 or all 16 chunks never seen before, fresh every run.
 - Engines: one process each, all alive together and driven interleaved: `plain` (vLLM, no
   connector), `host` (store with `gpu_bytes: 0`: chunk KV from the pinned host tier) and
   `gpu` (store with a GPU tier, `gpu_bytes: 16GiB`). vLLM defaults otherwise (torch.compile,
   CUDA graphs, prefix caching, chunked prefill); max_model_len 40000.
 - TTFT = wall time of a 1-token `generate`, median of `--runs` interleaved runs after
-  `--warmup` runs. `concurrent`: 16 requests at once over a shared pool of 24 chunks (8 per
-  request), prompt tokens per second. `cheap` rows: the host engine under the cheap selection
-  (`CHEAP`, per request), interleaved with the others. `breakdown`: a fourth engine (host
-  tier) with `trace_dir` set, started after the others are gone; medians of the traces'
-  `timings_ms`: `to_worker` (generate() to the worker's start_load_kv: scheduling and the
-  hop to the worker), `prep` (store fetch, planning, queueing the copies), `blend` and `load`
-  (GPU-event spans), `host` (the blend's host time); `after_blend_ms` is the rest of TTFT
-  (vLLM's question step, sampling, the way back).
+  `--warmup` runs. Each set runs plain and every blended variant (`--tiers` x
+  `--selections`: deviation, CacheBlend's default, and `cheap`, issue 13's per-request
+  selection, `CHEAP`). `concurrent`: 16 requests at once over a shared pool of 24 chunks
+  (8 per request), prompt tokens per second.
+- `breakdown`: a fourth engine (host tier, in-process so that the torch profiler sees the
+  worker's kernels) with `trace_dir` set, started after the others are gone; per set and
+  selection, medians of the traces' `timings_ms`: `to_worker` (generate() to the worker's
+  start_load_kv: scheduling and the hop to the worker), `prep` (store fetch, planning,
+  queueing the copies), `blend` and `load` (the blend's and the copies' GPU-event spans),
+  `after_blend` (the rest of TTFT: vLLM's question step, sampling, the way back) and
+  `fixed` (TTFT minus the blend's GPU span); then, tracing off, the kernel launches, the
+  kernel time and the process's CPU time per request under the profiler. Each row of the
+  host tier carries its `breakdown`.
+- Time: the script prints its plan with an H200 estimate per section and starts no section
+  that would end past `--budget-s` (device.sh passes the call's budget); skipped sections
+  are listed under `skipped`. `--estimate-only` prints the plan and stops.
 
-    python bench/ttft_vllm_gpu.py [--runs 5] [--warmup 2] [--out bench/results/ttft_vllm_gpu.json]
+    python bench/ttft_vllm_gpu.py [--sets 16x512,32x1000] [--miss 1,16] [--tiers host,gpu]
+        [--selections deviation,cheap] [--concurrent-reps 0] [--breakdown-sets 32x1000]
+        [--runs 5] [--warmup 2] [--out bench/results/ttft_vllm_gpu.json]
 """
 
 from __future__ import annotations
@@ -51,7 +64,15 @@ MAX_MODEL_LEN = 40000
 N_CHUNKS = 8
 QUESTION_TOKENS = 64
 POOL_CHUNKS, POOL_CHUNK_TOKENS, CONCURRENT = 24, 512, 16
-TARGETS = {"8k_host": 4.0, "32k_host": 5.0, "32k_cheap": 8.0}
+# Rows: CHUNKSxTOKENS per chunk. The 8-chunk rows fill 8k and 32k (issue 11); 16 x 512 and
+# 32 x 1,000 are the chunk counts of real RAG prompts (issue 23), where the fixed cost
+# around the blend grows with the chunks.
+SETS = {"8x1016": (8, 1016), "8x4088": (8, 4088), "16x512": (16, 512), "32x1000": (32, 1000)}
+# Issue 23's targets (host tier, vLLM defaults on both sides): speedups, and the fixed cost
+# (traced TTFT minus the blend's GPU span) in ms.
+TARGETS = {"16x512_host_deviation": 4.0, "32x1000_host_deviation": 4.5,
+           "16x512_host_cheap": 8.0, "32x1000_host_cheap": 10.0,
+           "16x512_fixed_ms": 15.0, "32x1000_fixed_ms": 30.0}
 # Issue 13's cheap mode as measured on the prose prompts (compute 0.071): no full-token check
 # layer; the question's attention at layer 4 over the cached KV picks 4.5% of the context.
 CHEAP = {"selection": "cheap", "check_layers": [4], "recomp_ratio": 0.045, "sink_tokens": 4}
@@ -145,15 +166,64 @@ def worker(kind: str, model: str, store: str | None, trace_dir: str | None, util
         elif op == "run":  # one or more prompts in one generate call
             ps = [prompt(ids, spans, cmd.get("meta")) for ids, spans in cmd["prompts"]]
             t_unix = time.time()
+            c = time.process_time()
             t = time.perf_counter()
             outs = llm.generate(ps, sp, use_tqdm=False)
             ms = (time.perf_counter() - t) * 1e3
+            cpu_ms = (time.process_time() - c) * 1e3  # this process (the engine, in-process)
             reps = [(o.kv_transfer_params or {}).get("blend") or {} for o in outs]
-            say(op=op, ms=ms, call_unix_ms=t_unix * 1e3, request_ids=[o.request_id for o in outs],
+            say(op=op, ms=ms, cpu_ms=cpu_ms, call_unix_ms=t_unix * 1e3,
+                request_ids=[o.request_id for o in outs],
                 cached=[o.num_cached_tokens or 0 for o in outs],  # vLLM's + the connector's
                 local=[r.get("num_local", 0) for r in reps],  # vLLM's prefix cache alone
                 hit=[r.get("chunk_hit_tokens", 0) / max(1, r.get("chunk_tokens", 0))
                      for r in reps], reports=len([r for r in reps if r]))
+        elif op == "profile":  # in-process engines only: the profiler sees the worker's kernels
+            say(op=op, **profiled(llm, sp, [prompt(ids, spans, cmd.get("meta"))
+                                            for ids, spans in cmd["prompts"]]))
+
+
+def profiled(llm, sp, prompts: list) -> dict:
+    """Kernel launches, kernel time and CPU time per request, one request at a time under
+    the torch profiler, with the connector's tracing off meanwhile."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from profile_vllm_gpu import _summary
+
+    bw = _blend_worker()
+    tdir = getattr(bw, "trace_dir", None)
+    if bw is not None:
+        bw.trace_dir = None
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    wall, cpu = [], []
+    try:
+        with profile(activities=acts) as prof:
+            for p in prompts:
+                c, t = time.process_time(), time.perf_counter()
+                llm.generate(p, sp, use_tqdm=False)
+                wall.append((time.perf_counter() - t) * 1e3)
+                cpu.append((time.process_time() - c) * 1e3)
+    finally:
+        if bw is not None:
+            bw.trace_dir = tdir
+    s = _summary(prof, wall)
+    return {"wall_ms": s["wall_ms_per_request"], "kernel_ms": s["kernel_ms_per_request"],
+            "kernel_launches": s["kernel_launches_per_request"],
+            "cacheblend_cpu_ms": s["cacheblend_cpu_ms_per_request"],
+            "cpu_ms_per_request": round(statistics.median(cpu), 2), "top_gpu": s["top_gpu"][:8],
+            "tracing_off": bw is not None}
+
+
+def _blend_worker():
+    """The connector's worker half in this process (an in-process engine), or None."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        return get_kv_transfer_group()._worker
+    except Exception:  # noqa: BLE001 - older layouts: profile with tracing on
+        return None
 
 
 class Engine:
@@ -161,13 +231,14 @@ class Engine:
 
     def __init__(self, kind: str, model: Path, log, store: dict | None = None,
                  trace_dir: str | None = None, util: float = 0.27, ratio: float = 0.15,
-                 max_model_len: int = MAX_MODEL_LEN, eager: bool = False):
+                 max_model_len: int = MAX_MODEL_LEN, eager: bool = False, inproc: bool = False):
         self.kind, self.log, self.replies = kind, log, queue.Queue()
         cmd = [sys.executable, "-P", __file__, "--worker", kind, str(model),
                json.dumps(store) if store else "", trace_dir or "", str(util), str(ratio),
                str(max_model_len), "eager" if eager else ""]
+        env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if inproc else {})}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         threading.Thread(target=self._drain, daemon=True).start()
         self.ready = self.wait(900)
         print(f"[bench] {kind} engine ready in {self.ready['start_s']} s", flush=True)
@@ -260,21 +331,74 @@ def trace_timings(trace_dir: Path, request_ids: list[str]) -> dict[str, float]:
     return tot
 
 
+def wait_traces(trace_dir: Path, n: int, timeout: float = 20.0) -> None:
+    """On CUDA the worker writes traces from a thread after the step: wait for `n` files."""
+    t = time.time()
+    while len(list(trace_dir.glob("*.json"))) < n and time.time() - t < timeout:
+        time.sleep(0.02)
+
+
+def parse_sets(spec: str) -> dict[str, tuple[int, int]]:
+    """`8x1016,16x512` -> {"8x1016": (8 chunks, 1016 tokens each), ...}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        c, t = item.lower().split("x")
+        out[item] = (int(c), int(t))
+    return out
+
+
+class Estimate:
+    """Rough H200 seconds per section (from the 2026-12-02 runs), so a subset fits a call."""
+
+    ENGINE_S, FIRST_ENGINE_S, PRECOMPUTE_S_PER_TOKEN, CALL_S = 35.0, 65.0, 3.5e-4, 0.05
+    MARGIN, CLOSE_S = 1.2, 30.0  # the 2026-12-02 run took ~1.2x these; closing and the JSON
+
+    @staticmethod
+    def plain_s(ctx: int) -> float:  # 0.22 s at 8k, 1.26 s at 32k
+        return 0.22 * (max(ctx, 1) / 8192) ** 1.26
+
+    @classmethod
+    def blend_s(cls, ctx: int, selection: str) -> float:
+        return cls.plain_s(ctx) * (0.3 if selection == "deviation" else 0.16)
+
+    @classmethod
+    def rows(cls, ctx: int, variants: list[str], reps: int) -> float:
+        per = cls.plain_s(ctx) + sum(cls.blend_s(ctx, v.split(":")[1]) for v in variants)
+        return reps * (per + cls.CALL_S * (1 + len(variants)))
+
+    @classmethod
+    def breakdown(cls, ctx: int, selections: list[str]) -> float:  # 4 traced + 3 profiled
+        return sum(7 * (cls.blend_s(ctx, s) + 0.15) + 2 * cls.blend_s(ctx, s) for s in selections)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.15)
-    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--sets", default=",".join(SETS),
+                    help="rows as CHUNKSxTOKENS (tokens per chunk), comma-separated; "
+                         f"default {','.join(SETS)}")
+    ap.add_argument("--contexts", default=None,
+                    help="old form: 8-chunk rows filling these contexts (e.g. 8192,32768)")
+    ap.add_argument("--miss", default="1,16",
+                    help="miss rows: chunks missing per run out of --miss-shape ('' = none)")
+    ap.add_argument("--miss-shape", default="16x512")
+    ap.add_argument("--tiers", default="host,gpu", help="blended engines: host and/or gpu")
+    ap.add_argument("--selections", default="deviation,cheap",
+                    help="deviation (the default CacheBlend selection) and/or cheap")
     ap.add_argument("--util", type=float, default=0.27, help="gpu_memory_utilization per engine")
     ap.add_argument("--gpu-bytes", default="16GiB")
     ap.add_argument("--host-bytes", default="12GiB")
-    ap.add_argument("--concurrent-reps", type=int, default=3)
+    ap.add_argument("--concurrent-reps", type=int, default=3, help="0: no concurrent section")
     ap.add_argument("--breakdown", choices=("separate", "none"), default="separate")
+    ap.add_argument("--breakdown-sets", default=None,
+                    help="sets traced and profiled (default: every row set)")
     ap.add_argument("--no-cheap", dest="cheap", action="store_false",
-                    help="leave out the cheap-selection rows")
-    ap.add_argument("--budget-s", type=float, default=420,
-                    help="skip the breakdown engine if this much time has passed")
+                    help="leave out the cheap-selection rows (= --selections deviation)")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 530)),
+                    help="start no section whose estimate would end past this many seconds")
+    ap.add_argument("--estimate-only", action="store_true", help="print the plan and its time")
     ap.add_argument("--model", default=None,
                     help="an existing HF folder instead of the random 8B (smoke tests)")
     ap.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
@@ -287,6 +411,46 @@ def main() -> None:
     args = ap.parse_args()
     t_all = time.time()
 
+    sets = parse_sets(args.sets)
+    if args.contexts:  # the old form: 8 chunks filling each context, room for the prefix
+        sets = {**{f"8x{int(n) // 8 - 8}": (8, int(n) // 8 - 8)
+                   for n in args.contexts.split(",")}, **(sets if args.sets != ",".join(SETS)
+                                                           else {})}
+    misses = [int(x) for x in args.miss.split(",") if x.strip()]
+    miss_n, miss_t = parse_sets(args.miss_shape)[args.miss_shape]
+    tiers = [t for t in args.tiers.split(",") if t]
+    selections = [s for s in args.selections.split(",") if s and (args.cheap or s != "cheap")]
+    variants = [f"{t}:{s}" for t in tiers for s in selections]
+    bsets = list(sets) if args.breakdown_sets is None else list(parse_sets(args.breakdown_sets))
+    reps = args.warmup + args.runs
+
+    def ctx_of(c: int, t: int) -> int:
+        return c * t + 40 + QUESTION_TOKENS
+
+    E = Estimate
+    made = args.model or (home() / "models" / "llama3-8b-shape-random" / "DONE").exists()
+    plan = [] if made else [("random model", 90.0)]
+    plan += [("engines", E.FIRST_ENGINE_S + E.ENGINE_S * len(tiers)
+             + len(tiers) * E.PRECOMPUTE_S_PER_TOKEN * sum(c * t for c, t in sets.values()))]
+    plan += [(f"rows {k}", E.rows(ctx_of(c, t), variants, reps)) for k, (c, t) in sets.items()]
+    plan += [(f"miss {m}/{miss_n}", E.rows(ctx_of(miss_n, miss_t), [f"{t}:deviation" for t in tiers],
+                                           reps) + reps * m * miss_t * E.PRECOMPUTE_S_PER_TOKEN)
+             for m in misses]
+    if args.concurrent_reps > 0:
+        plan.append(("concurrent", (1 + args.concurrent_reps) * args.concurrent
+                     * E.plain_s(N_CHUNKS * args.pool_chunk_tokens) * (1 + 0.35 * len(tiers))))
+    if args.breakdown != "none" and bsets:
+        plan.append(("breakdown engine", E.ENGINE_S + E.PRECOMPUTE_S_PER_TOKEN
+                     * sum(c * t for k, (c, t) in sets.items() if k in bsets)))
+        plan += [(f"breakdown {k}", E.breakdown(ctx_of(*sets[k]), selections))
+                 for k in bsets if k in sets]
+    plan = [(k, round(v * E.MARGIN, 1)) for k, v in plan]
+    total = sum(s for _, s in plan) + E.CLOSE_S
+    print("[bench] plan (H200 estimate, s): " + ", ".join(f"{k} {s:.0f}" for k, s in plan)
+          + f"; total ~{total:.0f} s, budget {args.budget_s:.0f} s", flush=True)
+    if args.estimate_only:
+        return
+
     from transformers import AutoTokenizer
 
     from blend.assets import model_path
@@ -295,10 +459,13 @@ def main() -> None:
     model = Path(args.model) if args.model else ensure_model(tok_src)
     tok = AutoTokenizer.from_pretrained(model)
     P = Prompts(tok)
-    contexts = [int(c) for c in args.contexts.split(",")]
-    sets = {n: P.chunks(N_CHUNKS, n // N_CHUNKS - 8) for n in contexts}  # room for prefix
-    pool = P.chunks(POOL_CHUNKS, args.pool_chunk_tokens)
-    all_chunks = [c for n in contexts for c in sets[n]] + pool
+    chunk_sets = {k: P.chunks(c, t) for k, (c, t) in sets.items()}
+    if misses and "x".join(map(str, (miss_n, miss_t))) not in {f"{c}x{t}" for c, t in sets.values()}:
+        chunk_sets["_miss"] = P.chunks(miss_n, miss_t)
+    miss_base = next((chunk_sets[k] for k, v in sets.items() if v == (miss_n, miss_t)),
+                     chunk_sets.get("_miss"))
+    pool = P.chunks(POOL_CHUNKS, args.pool_chunk_tokens) if args.concurrent_reps > 0 else []
+    all_chunks = [c for v in chunk_sets.values() for c in v] + pool
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,98 +480,125 @@ def main() -> None:
     ekw = dict(util=args.util, ratio=args.ratio, max_model_len=args.max_model_len,
                eager=args.enforce_eager)
     engines = {"plain": Engine("plain", model, log, **ekw)}
-    for tier in ("host", "gpu"):
+    for tier in tiers:
         engines[tier] = Engine(tier, model, log, store=stores[tier], **ekw)
         pre = engines[tier].call(op="precompute", chunks=all_chunks)
         print(f"[bench] {tier}: precomputed {pre}", flush=True)
+    skipped: list[str] = []
 
-    # Each run, interleaved: plain, the host tier, the GPU tier, and the host tier's engine
-    # under the cheap selection (a per-request cache_fuse_metadata; its own prefix-cache salt).
-    variants = {k: (k, None) for k in engines}
-    if args.cheap:
-        variants["cheap"] = ("host", CHEAP)
-    rows, raw = [], {}
-    for n in contexts:
-        times = {k: [] for k in variants}
-        hits = {k: [] for k in variants}
-        for i in range(args.warmup + args.runs):
-            ids, spans = P.build(sets[n])
-            for k, (ek, meta) in variants.items():
-                r = engines[ek].call(op="run", prompts=[[ids, spans]], meta=meta)
+    def fits(name: str) -> bool:
+        est = dict(plan).get(name, 0.0)
+        if time.time() - t_all + est + E.CLOSE_S > args.budget_s:
+            skipped.append(f"{name} (estimate {est:.0f} s; {time.time() - t_all:.0f} s used of "
+                           f"{args.budget_s:.0f})")
+            print(f"[bench] skipped {skipped[-1]}", flush=True)
+            return False
+        return True
+
+    def meta_of(sel: str) -> dict | None:
+        # The cheap selection per request (its own prefix-cache salt on the same engine).
+        return CHEAP if sel == "cheap" else None
+
+    def measure(prompts: list, names: list[str]) -> dict:
+        """Each prompt through plain and every variant, interleaved; after `--warmup`, kept."""
+        times = {k: [] for k in ["plain", *names]}
+        hits = {k: [] for k in names}
+        for i, (ids, spans) in enumerate(prompts):
+            for k in ["plain", *names]:
+                tier, sel = k.split(":") if k != "plain" else ("plain", "deviation")
+                r = engines[tier].call(op="run", prompts=[[ids, spans]], meta=meta_of(sel))
                 if k != "plain" and (not r["reports"] or r["local"][0] >= spans[-1][1] - 16):
                     print(f"[bench] warning: {k} run {i}: reports={r['reports']} "
                           f"prefix-cached={r['local']}")
                 if i >= args.warmup:
                     times[k].append(r["ms"])
-                    hits[k].append(r["hit"][0])
-        raw[n] = {"times_ms": {k: [round(x, 1) for x in v] for k, v in times.items()},
-                  "prompt_tokens": len(ids), "context_tokens": spans[-1][1]}
-        for k, (tier, meta) in variants.items():
-            if k == "plain":
-                continue
-            pm, bm = med(times["plain"]), med(times[k])
-            cfm = {"recomp_ratio": args.ratio, **(meta or {})}
-            rows.append({"context_tokens": spans[-1][1], "prompt_tokens": len(ids), "tier": tier,
-                         "selection": cfm.get("selection", "deviation"), "cache_fuse_metadata": cfm,
-                         "plain_ms": pm, "blend_ms": bm, "speedup": round(pm / bm, 2),
-                         "plain_runs_ms": raw[n]["times_ms"]["plain"],
-                         "blend_runs_ms": raw[n]["times_ms"][k],
-                         "chunk_hit_rate": min(hits[k])})
+                    if k != "plain":
+                        hits[k].append(r["hit"][0])
+        return {"times": times, "hits": hits, "prompt_tokens": len(ids),
+                "context_tokens": spans[-1][1]}
 
-    conc = {"requests": args.concurrent, "pool_chunks": POOL_CHUNKS,
-            "chunks_per_request": N_CHUNKS, "chunk_tokens": args.pool_chunk_tokens,
-            "reps": args.concurrent_reps}
-    rate = {k: [] for k in engines}
-    for i in range(1 + args.concurrent_reps):
-        batch = [P.build(P.rng.sample(pool, N_CHUNKS)) for _ in range(args.concurrent)]
-        toks = sum(len(ids) for ids, _ in batch)
-        for k, e in engines.items():
-            r = e.call(op="run", prompts=batch)
-            if i > 0:
-                rate[k].append(toks / (r["ms"] / 1e3))
-        conc["prompt_tokens"] = toks
-    for k in engines:
-        conc[f"{k}_tok_s"] = round(statistics.median(rate[k]))
-    for tier in ("host", "gpu"):
-        conc[f"speedup_{tier}"] = round(conc[f"{tier}_tok_s"] / conc["plain_tok_s"], 2)
+    def add_rows(name: str, c: int, t: int, got: dict, names: list[str], **extra) -> None:
+        for k in names:
+            tier, sel = k.split(":")
+            pm, bm = med(got["times"]["plain"]), med(got["times"][k])
+            cfm = {"recomp_ratio": args.ratio, **(meta_of(sel) or {})}
+            rows.append({"set": name, "chunks": c, "chunk_tokens": t,
+                         "context_tokens": got["context_tokens"],
+                         "prompt_tokens": got["prompt_tokens"], "tier": tier,
+                         "selection": cfm.get("selection", "deviation"),
+                         "cache_fuse_metadata": cfm, "plain_ms": pm, "blend_ms": bm,
+                         "speedup": round(pm / bm, 2),
+                         "plain_runs_ms": [round(x, 1) for x in got["times"]["plain"]],
+                         "blend_runs_ms": [round(x, 1) for x in got["times"][k]],
+                         "chunk_hit_rate": min(got["hits"][k]), **extra})
+
+    rows: list[dict] = []
+    for name, (c, t) in sets.items():
+        if fits(f"rows {name}"):
+            got = measure([P.build(chunk_sets[name]) for _ in range(reps)], variants)
+            add_rows(name, c, t, got, variants)
+            print(f"[bench] {name} ({time.time() - t_all:.0f} s): " + ", ".join(
+                f"{k} {med(v)} ms" for k, v in got["times"].items()), flush=True)
+    for m in misses:  # fresh chunks every run: each blended engine meets them for the first time
+        if not fits(f"miss {m}/{miss_n}"):
+            continue
+        names = [f"{t}:deviation" for t in tiers]
+        prompts = []
+        for _ in range(reps):
+            fresh = P.chunks(m, miss_t)
+            base = miss_base[:]
+            for j, idx in enumerate(P.rng.sample(range(miss_n), m)):
+                base[idx] = fresh[j]
+            prompts.append(P.build(base))
+        got = measure(prompts, names)
+        add_rows(f"{args.miss_shape}-miss{m}", miss_n, miss_t, got, names, missing=m)
+        print(f"[bench] miss {m}/{miss_n} ({time.time() - t_all:.0f} s): " + ", ".join(
+            f"{k} {med(v)} ms" for k, v in got["times"].items()), flush=True)
+
+    conc: dict = {"skipped": "--concurrent-reps 0"}
+    if args.concurrent_reps > 0 and fits("concurrent"):
+        conc = {"requests": args.concurrent, "pool_chunks": POOL_CHUNKS,
+                "chunks_per_request": N_CHUNKS, "chunk_tokens": args.pool_chunk_tokens,
+                "reps": args.concurrent_reps}
+        rate = {k: [] for k in engines}
+        for i in range(1 + args.concurrent_reps):
+            batch = [P.build(P.rng.sample(pool, N_CHUNKS)) for _ in range(args.concurrent)]
+            toks = sum(len(ids) for ids, _ in batch)
+            for k, e in engines.items():
+                r = e.call(op="run", prompts=batch)
+                if i > 0:
+                    rate[k].append(toks / (r["ms"] / 1e3))
+            conc["prompt_tokens"] = toks
+        for k in engines:
+            conc[f"{k}_tok_s"] = round(statistics.median(rate[k]))
+        for tier in tiers:
+            conc[f"speedup_{tier}"] = round(conc[f"{tier}_tok_s"] / conc["plain_tok_s"], 2)
     for e in engines.values():
         e.close()
 
-    breakdown: dict = {"source": "trace_dir timings_ms (medians per request)", "tier": "host"}
-    if args.breakdown == "none":
+    breakdown: dict = {"source": "trace_dir timings_ms (medians per request) and the torch "
+                       "profiler, host tier, one in-process engine (VLLM_ENABLE_V1_"
+                       "MULTIPROCESSING=0, so the profiler sees the worker's kernels)",
+                       "tier": "host"}
+    bsets = [k for k in bsets if k in sets]
+    if args.breakdown == "none" or not bsets:
         breakdown["skipped"] = "--breakdown none"
-    elif time.time() - t_all > args.budget_s:
-        breakdown["skipped"] = f"time budget ({args.budget_s} s) spent before the trace engine"
-    else:
+    elif fits("breakdown engine"):
         tdir = work / "trace"
         tdir.mkdir()
         e = Engine("host", model, log, store={**stores["host"], "path": str(work / "kv_trace")},
-                   trace_dir=str(tdir), **ekw)
-        e.call(op="precompute", chunks=all_chunks)
-        for n in contexts:
-            per, ttft = [], []
-            for i in range(1 + 3):
-                for f in tdir.glob("*.json"):
-                    f.unlink()
-                ids, spans = P.build(sets[n])
-                r = e.call(op="run", prompts=[[ids, spans]])
-                if i:
-                    d = trace_timings(tdir, r["request_ids"])
-                    if "start_unix_ms" in d:  # the worker's clock is this machine's clock
-                        d["to_worker"] = d.pop("start_unix_ms") - r["call_unix_ms"]
-                    per.append(d)
-                    ttft.append(r["ms"])
-            keys = sorted({k for d in per for k in d if "." not in k})  # not per layer
-            tm = {k: med([d[k] for d in per if k in d]) for k in keys}
-            entry = {"ttft_ms_traced": med(ttft), "timings_ms": tm, "runs": len(per)}
-            if "step" in tm:
-                entry["rest_of_step_ms"] = round(tm["step"] - tm.get("load", 0) - tm.get("blend", 0), 2)
-            if "blend" in tm:  # GPU time of the blend (its layer copies overlap it)
-                entry["ttft_minus_blend_ms"] = round(entry["ttft_ms_traced"] - tm["blend"], 2)
-                if "to_worker" in tm and "prep" in tm:  # what is left: vLLM's question step
-                    entry["after_blend_ms"] = round(entry["ttft_ms_traced"] - tm["to_worker"]
-                                                    - tm["prep"] - tm["blend"], 2)
-            breakdown[str(raw[n]["context_tokens"])] = entry
+                   trace_dir=str(tdir), inproc=True, **ekw)
+        e.call(op="precompute", chunks=[c for k in bsets for c in chunk_sets[k]])
+        for name in bsets:
+            if not fits(f"breakdown {name}"):
+                continue
+            for sel in selections:
+                entry = breakdown_row(e, tdir, P, chunk_sets[name], meta_of(sel))
+                entry.update(set=name, chunks=sets[name][0], selection=sel)
+                breakdown[f"{name}:{sel}"] = entry
+                for r in rows:
+                    if r["set"] == name and r["tier"] == "host" and r["selection"] == sel:
+                        r["breakdown"] = {k: entry.get(k) for k in BREAKDOWN_KEYS}
         e.close()
 
     import vllm
@@ -414,6 +608,17 @@ def main() -> None:
                              capture_output=True, text=True).stdout.strip()
     except OSError:
         gpu = "cpu (no nvidia-smi)"
+    met = {}
+    for r in rows:
+        key = f"{r['set']}_{r['tier']}_{r['selection']}"
+        if key in TARGETS:
+            met[key] = {"target": TARGETS[key], "speedup": r["speedup"],
+                        "met": r["speedup"] >= TARGETS[key]}
+        fkey = f"{r['set']}_fixed_ms"
+        fixed = (r.get("breakdown") or {}).get("fixed_ms")
+        if fkey in TARGETS and fixed is not None and r["selection"] == "deviation":
+            met[fkey] = {"target": TARGETS[fkey], "fixed_ms": fixed,
+                         "met": fixed <= TARGETS[fkey]}
     res = {
         "what": "TTFT (1-token generate wall time) inside GPU vLLM: plain prefill vs CacheBlend",
         "device": gpu, "vllm": vllm.__version__,
@@ -423,20 +628,69 @@ def main() -> None:
         "engine": {"max_model_len": args.max_model_len, "gpu_memory_utilization": args.util,
                    "defaults": "torch.compile + CUDA graphs, prefix caching, chunked prefill"},
         "stores": {k: {kk: v for kk, v in s.items() if kk != "path"} for k, s in stores.items()},
+        "argv": sys.argv[1:], "plan_s": dict(plan), "skipped": skipped,
         "rows": rows, "concurrent": conc, "breakdown": breakdown, "targets": TARGETS,
-        "seconds": round(time.time() - t_all, 1),
+        "targets_met": met, "seconds": round(time.time() - t_all, 1),
     }
     out_path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"\n{'context':>8} {'tier':>5} {'plain ms':>9} {'blend ms':>9} {'speedup':>8} {'hit':>5}")
+    print(f"\n{'set':>14} {'chunks':>6} {'context':>8} {'tier':>5} {'selection':>9} "
+          f"{'plain ms':>9} {'blend ms':>9} {'speedup':>8} {'hit':>5} {'fixed ms':>8}")
     for r in rows:
-        print(f"{r['context_tokens']:>8} {r['tier']:>5} {r['plain_ms']:>9} {r['blend_ms']:>9} "
-              f"{r['speedup']:>8} {r['chunk_hit_rate']:>5.2f}")
-    print(f"concurrent ({args.concurrent} requests, {conc['prompt_tokens']} prompt tokens): plain "
-          f"{conc['plain_tok_s']} tok/s, host {conc['host_tok_s']} ({conc['speedup_host']}x), "
-          f"gpu {conc['gpu_tok_s']} ({conc['speedup_gpu']}x)")
-    print("breakdown:", json.dumps(breakdown))
+        fixed = (r.get("breakdown") or {}).get("fixed_ms")
+        print(f"{r['set']:>14} {r['chunks']:>6} {r['context_tokens']:>8} {r['tier']:>5} "
+              f"{r['selection']:>9} {r['plain_ms']:>9} {r['blend_ms']:>9} {r['speedup']:>8} "
+              f"{r['chunk_hit_rate']:>5.2f} {'' if fixed is None else fixed:>8}")
+    if "prompt_tokens" in conc:
+        print(f"concurrent ({args.concurrent} requests, {conc['prompt_tokens']} prompt tokens): "
+              + ", ".join(f"{k} {conc[f'{k}_tok_s']} tok/s" for k in engines))
+    for k, v in breakdown.items():
+        if isinstance(v, dict):
+            print(f"breakdown {k}: " + ", ".join(f"{kk} {v.get(kk)}" for kk in BREAKDOWN_KEYS))
+    print("targets:", json.dumps(met))
+    if skipped:
+        print("skipped (time budget):", "; ".join(skipped))
     print(f"total {res['seconds']} s -> {out_path}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+BREAKDOWN_KEYS = ("ttft_ms_traced", "to_worker_ms", "prep_ms", "copies_ms", "blend_gpu_ms",
+                  "after_blend_ms", "fixed_ms", "kernel_launches", "kernel_ms",
+                  "cpu_ms_per_request", "cacheblend_cpu_ms")
+
+
+def breakdown_row(e: Engine, tdir: Path, P: Prompts, chunks: list[str], meta: dict | None,
+                  traced: int = 3, profiled: int = 2) -> dict:
+    """One set under one selection on the traced engine: a warm-up, `traced` runs whose
+    traces give the spans, then `profiled` runs under the torch profiler (tracing off)."""
+    per, ttft, cpu = [], [], []
+    for i in range(1 + traced):
+        for f in tdir.glob("*.json"):
+            f.unlink()
+        ids, spans = P.build(chunks)
+        r = e.call(op="run", prompts=[[ids, spans]], meta=meta)
+        wait_traces(tdir, 1)
+        if i:
+            d = trace_timings(tdir, r["request_ids"])
+            if "start_unix_ms" in d:  # the worker's clock is this machine's clock
+                d["to_worker"] = d.pop("start_unix_ms") - r["call_unix_ms"]
+            per.append(d)
+            ttft.append(r["ms"])
+            cpu.append(r["cpu_ms"])
+    keys = sorted({k for d in per for k in d if "." not in k})  # not per layer
+    tm = {k: med([d[k] for d in per if k in d]) for k in keys}
+    out: dict = {"ttft_ms_traced": med(ttft), "timings_ms": tm, "runs": len(per),
+                 "to_worker_ms": tm.get("to_worker"), "prep_ms": tm.get("prep"),
+                 "copies_ms": tm.get("load"), "blend_gpu_ms": tm.get("blend"),
+                 "cpu_ms_traced": med(cpu), "context_tokens": spans[-1][1]}
+    if "blend" in tm:  # fixed cost: TTFT outside the blend's GPU span
+        out["fixed_ms"] = round(out["ttft_ms_traced"] - tm["blend"], 2)
+        if "to_worker" in tm and "prep" in tm:  # what is left: vLLM's question step, the way back
+            out["after_blend_ms"] = round(out["ttft_ms_traced"] - tm["to_worker"] - tm["prep"]
+                                          - tm["blend"], 2)
+    prof = e.call(op="profile", prompts=[P.build(chunks) for _ in range(profiled)], meta=meta)
+    out.update({k: prof.get(k) for k in ("kernel_launches", "kernel_ms", "cpu_ms_per_request",
+                                         "cacheblend_cpu_ms", "wall_ms", "top_gpu", "tracing_off")})
+    return out
 
 
 if __name__ == "__main__":

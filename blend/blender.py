@@ -70,6 +70,19 @@ class BlendTrace:
     # Context-token layer passes (attention + MLP), question rows excluded: `compute` share
     # = token_layers / (context tokens x layers). Probe passes count too.
     token_layers: int = 0
+    # Keep the tensors on the device until `to_cpu()`: a `.cpu()` inside the blend syncs
+    # the device mid-pass, and a traced blend would then no longer show the untraced
+    # one's timing (the connector's worker writes its traces off the step, on CUDA).
+    defer_cpu: bool = False
+
+    def host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the CPU, or `t` itself (a private copy) until `to_cpu()` when deferred."""
+        return t.clone() if self.defer_cpu else t.cpu()
+
+    def to_cpu(self) -> None:
+        """Move what a deferred trace holds to the CPU (after the device passed the blend)."""
+        self.deviation = {k: (p.cpu(), d.cpu()) for k, (p, d) in self.deviation.items()}
+        self.selected = [s.cpu() for s in self.selected]
 
     def deviation_dense(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Deviation at `layer` for positions `start..end-1` (NaN where not measured)."""
@@ -222,7 +235,7 @@ class Blender:
             score = per_token(mass, pos, cu)
             keep = ops.select(score, forced, cu, cheap_take)
             if trace is not None:
-                trace.deviation[max(cfg.check_layers)] = (pos.cpu(), score.float().cpu())
+                trace.deviation[max(cfg.check_layers)] = (trace.host(pos), trace.host(score.float()))
             ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
             bad = None if bad is None else bad[keep]
             if drop_rows is not None:  # the probe pass was their only use
@@ -247,7 +260,7 @@ class Blender:
                                               act_forced, qrows, block_table, seq_lens)
                 keep = ops.select(d, act_forced, act_cu, takes[layer])
                 if trace is not None:
-                    trace.deviation[layer] = (act_pos.cpu(), d.float().cpu())
+                    trace.deviation[layer] = (trace.host(act_pos), trace.host(d.float()))
                 phase += 1
                 act_cu = phase_cu[phase]
                 if layer == max(checks) and drop_rows is not None:  # drop the probes
@@ -287,7 +300,7 @@ class Blender:
         hook(a.num_layers - 1)  # an early stop still owes the later layers their load
         selected = [act_pos[act_cu[b]:act_cu[b + 1]] for b in range(len(seqs))]
         if trace is not None:
-            trace.selected = [s.cpu() for s in selected]
+            trace.selected = [trace.host(s) for s in selected]
             trace.timings_ms["blend" if blend else "prefill"] = (time.perf_counter() - t0) * 1e3
         return RunOutput(selected=selected, logits=logits)
 

@@ -72,6 +72,7 @@ class LayerLoad:
         self.copies = [s for s in self.sources if s.host is not None]
         self.num_layers = blender.adapter.num_layers
         self.events: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self.groups = copy_groups(self.num_layers)
         self.issued = 0
         self.placed = 0  # layers [0, placed) are written
         self.placement = None
@@ -112,6 +113,7 @@ class LayerLoad:
             return None
 
     def _issue(self, upto: int) -> None:
+        """Queue the copies of every layer group that starts before layer `upto`."""
         upto = min(upto, self.num_layers)
         if self.issued >= upto or not self.copies:
             self.issued = max(self.issued, upto)
@@ -119,15 +121,20 @@ class LayerLoad:
         with torch.cuda.stream(self.stream):
             if self.issued == 0:
                 self.copy_start.record(self.stream)
-            for layer in range(self.issued, upto):
-                for s in self.copies:
-                    s.dev[layer].copy_(s.host[layer], non_blocking=True)
+            for g0, g1 in self.groups:
+                if g1 <= self.issued:
+                    continue
+                if g0 >= upto:
+                    break
+                for s in self.copies:  # layers [g0, g1) of a chunk are contiguous: one DMA
+                    s.dev[g0:g1].copy_(s.host[g0:g1], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
-                self.events[layer] = ev
-            if upto == self.num_layers:
+                for layer in range(g0, g1):
+                    self.events[layer] = ev
+                self.issued = g1
+            if self.issued == self.num_layers:
                 self.copy_end.record(self.stream)
-        self.issued = upto
 
     def hook(self, layer: int) -> None:
         """Place layer `layer` of every piece: wait for its copy, write it, K re-rotated."""
@@ -169,6 +176,27 @@ class LayerLoad:
         if self.copy_start is None or self.issued == 0:
             return None
         return float(self.copy_start.elapsed_time(self.copy_end))
+
+
+def copy_groups(num_layers: int) -> list[tuple[int, int]]:
+    """Layer ranges copied as one DMA per chunk: 1, 1, 2, 4, ... layers from both ends.
+
+    One copy per chunk and layer made 1,024 copy calls for 32 chunks of a 32-layer model
+    (~5-10 us of host time each, issued before layer 1's kernels). Small groups at the
+    start keep layer 0's wait short; small groups at the end keep a copy-bound blend (the
+    cheap selection) from waiting for a large last group. 32 layers: 10 groups.
+    """
+    front: list[tuple[int, int]] = []
+    back: list[tuple[int, int]] = []
+    lo, hi, size = 0, num_layers, 1
+    while lo < hi:
+        front.append((lo, min(lo + size, hi)))
+        lo = front[-1][1]
+        if lo < hi:
+            back.append((max(hi - size, lo), hi))
+            hi = back[-1][0]
+        size = size if len(front) == 1 else 2 * size
+    return front + back[::-1]
 
 
 def source_for(key: str, t: torch.Tensor, device: torch.device, tier: DeviceTier | None,

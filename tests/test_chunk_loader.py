@@ -10,7 +10,7 @@ from test_rope_exact import ROPES, tiny_llama
 
 from blend.blender import Blender, BlendSeq
 from blend.chunk_kv import compute_chunk_kv
-from blend.chunk_loader import LayerLoad, Piece, source_for
+from blend.chunk_loader import LayerLoad, Piece, copy_groups, source_for
 from blend.config import BlendConfig
 from blend.connector.metadata import BlendRequest
 from blend.connector.worker import _by_tokens
@@ -176,3 +176,25 @@ def test_blend_from_pinned_host_chunks_never_syncs():
     assert out.logits.shape[0] == 4 and torch.isfinite(out.logits).all()
     assert len(tier) == 3 and all(s.keep for s in load.copies)
     assert isinstance(tier.get(_key("0")), torch.Tensor)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 12, 24, 32, 80])
+def test_copy_groups_cover_every_layer_once_small_at_both_ends(layers):
+    groups = copy_groups(layers)
+    assert [g[0] for g in groups[1:]] == [g[1] for g in groups[:-1]]
+    assert groups[0] == (0, 1) and groups[-1][1] == layers
+    assert groups[-1][1] - groups[-1][0] == 1  # a copy-bound blend waits one layer at the end
+    assert len(groups) <= 2 * (layers.bit_length() + 1)
+
+
+def test_chunk_keys_of_list_and_array_slices_agree():
+    import numpy as np
+
+    from blend.keys import chunk_key, token_array
+
+    ids = list(range(5, 3005, 3))
+    arr = token_array(ids)
+    assert arr.dtype == np.int64 and arr.tolist() == ids
+    fp = "ab" * 32
+    for s, e in [(0, 10), (17, 600), (999, 1000)]:
+        assert chunk_key(fp, ids[s:e]) == chunk_key(fp, arr[s:e])

@@ -27,10 +27,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from blend.config import BlendConfig
 from blend.connector.content import ContentChunks
 from blend.connector.metadata import BlendConnectorMetadata, BlendRequest, ChunkRef, SaveRequest
-from blend.keys import chunk_key
+from blend.keys import chunk_key, token_array
 from blend.log import get_logger
 from blend.segments import (
     PARAMS_KEY,
@@ -67,6 +69,7 @@ class _Analysis:
     on_miss: str
     config: dict | None
     src: list[tuple[int, int]] | None = None  # content matches: (src_start, src_len) per span
+    ids: np.ndarray | None = None  # the prompt as int64, converted once (keys, worker metadata)
     admitted: dict[str, bool] = field(default_factory=dict)  # admission, once per chunk
 
     def ref(self, i: int, hit: bool) -> ChunkRef:
@@ -191,11 +194,12 @@ class BlendScheduler:
                 self.stats["fallbacks"] += 1
                 return None
         spans = [spans[i] for i in keep]
+        ids = token_array(prompt)
         if src is None:
-            keys = [chunk_key(self.fingerprint, prompt[s:e]) for s, e in spans]
+            keys = [chunk_key(self.fingerprint, ids[s:e]) for s, e in spans]
         else:
             keys, src = [keys[i] for i in keep], [src[i] for i in keep]
-        return _Analysis(spans, keys, on_miss, override, src)
+        return _Analysis(spans, keys, on_miss, override, src, ids=ids)
 
     # -------------------------------------------------------------- lookups
     def _lookup(self, keys: list[str]) -> list[bool]:
@@ -350,9 +354,10 @@ class BlendScheduler:
         prompt = request.prompt_token_ids
         if (a.config or self.base_config).get("selection", "deviation") != "deviation":
             last = len(prompt)  # query-aware selection reads the question as probes
+        ids = a.ids if a.ids is not None else token_array(prompt)
         return BlendRequest(
             req_id=request.request_id,
-            token_ids=list(prompt[:last]),
+            token_ids=ids[:last],  # an array: pickled as bytes, a tensor in the worker for free
             chunks=[a.ref(i, h) for i, h in enumerate(plan.hits)],
             num_local=plan.num_local,
             context_end=plan.context_end,

@@ -23,9 +23,11 @@ import contextlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from blend import jit_watch
@@ -131,6 +133,7 @@ class BlendWorker:
         self.trace_dir = extra.get("trace_dir")
         self.rank, self.fingerprint, self.tp = 0, "", None
         self.last_traces: dict[str, dict] = {}
+        self._writer: ThreadPoolExecutor | None = None
         self._blenders: dict[str, Blender] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -335,7 +338,7 @@ class BlendWorker:
             return src
         if req.on_miss != "compute" or not ch.whole or key is None:
             return None
-        kv = compute_chunk_kv(self.blender, req.token_ids[ch.start:ch.end])
+        kv = compute_chunk_kv(self.blender, _ids_list(req.token_ids[ch.start:ch.end]))
         self._keep(key, kv)
         found[key] = src = ChunkSource(key, None, kv)
         computed.add(key)
@@ -344,10 +347,19 @@ class BlendWorker:
 
     def _plan(self, req: BlendRequest, config: BlendConfig, found: dict[str, ChunkSource | None],
               computed: set[str]) -> tuple[BlendSeq, list[Piece]]:
-        """The request's BlendSeq over `[num_local, context_end)` and its chunk pieces."""
+        """The request's BlendSeq over `[num_local, context_end)` and its chunk pieces.
+
+        Per-token work is done once per request in numpy (the slots of the whole range,
+        the forced mask, the ids); a chunk only slices them. Per-chunk tensor ops and
+        `torch.tensor` over token lists cost ~10 ms at 32 chunks and 32k tokens.
+        """
         p0, end = req.num_local, req.context_end
-        row = torch.tensor(req.block_ids, dtype=torch.int32)
-        forced = torch.ones(end - p0, dtype=torch.bool)  # text is recomputed unless a chunk covers it
+        row_np = np.asarray(req.block_ids, dtype=np.int64)
+        row = torch.from_numpy(row_np.astype(np.int32))
+        bs = self.block_size
+        at = np.arange(p0, end, dtype=np.int64)
+        slots = torch.from_numpy(row_np[at // bs] * bs + at % bs)  # host int64, no sync
+        forced = np.ones(end - p0, dtype=bool)  # text is recomputed unless a chunk covers it
         pieces: list[Piece] = []
         sink = config.sink_tokens
         for ch in req.chunks:
@@ -359,16 +371,16 @@ class BlendWorker:
             src = self._chunk_kv(req, ch, found, computed)
             if src is None:
                 continue  # stays forced: recomputed like text
-            slots = slots_for(row, torch.arange(lo, hi), self.block_size)  # host: no sync
             row0 = ch.start - ch.src_start  # where the stored chunk's row 0 sits
-            pieces.append(Piece(src, lo - row0, hi - row0, slots, row0))
+            pieces.append(Piece(src, lo - row0, hi - row0, slots[lo - p0:hi - p0], row0))
             forced[lo - p0: hi - p0] = False
             if sink and ch.start >= p0:
                 forced[ch.start - p0: min(ch.start + sink, hi) - p0] = True
+        tokens = np.asarray(req.token_ids, dtype=np.int64)
         probe = question_probes(req, config, self.block_size)
-        ids = torch.tensor(req.token_ids[p0:end] + probe, dtype=torch.long)
-        forced = torch.cat([forced, torch.ones(len(probe), dtype=torch.bool)])
-        seq = BlendSeq(ids, p0, row, forced, num_probes=len(probe))
+        ids = torch.from_numpy(np.concatenate([tokens[p0:end], probe]))
+        forced_t = torch.from_numpy(np.concatenate([forced, np.ones(len(probe), dtype=bool)]))
+        seq = BlendSeq(ids, p0, row, forced_t, num_probes=len(probe))
         if self.blender.fault == "rope" and pieces:  # test-only (blend/faults.py)
             last = pieces[-1]
             last.delta += 1  # its cached K re-rotated one position too far
@@ -388,8 +400,20 @@ class BlendWorker:
                 for run in _by_tokens(reqs, MAX_RUN_TOKENS):
                     traced.append(self._run(run))
         for item in traced:  # tracing reads GPU timings: a sync, kept off the checked path
-            if item is not None:
+            if item is None:
+                continue
+            if item[3].defer_cpu:  # CUDA: the sync and the JSON off the step, in a thread
+                self._trace_writer().submit(self._write_traces_logged, *item)
+            else:
                 self._write_traces(*item)
+
+    def _trace_writer(self) -> ThreadPoolExecutor:
+        """One thread writes the traces of CUDA blends: waiting for the blend's end and
+        writing 32k-token deviation lists inside the step held vLLM's own forward back
+        (tens of ms at 32k), so a traced TTFT overstated what follows the blend."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="cacheblend-trace")
+        return self._writer
 
     def _blender_for(self, config: dict | None) -> Blender:
         if config is None:
@@ -408,22 +432,25 @@ class BlendWorker:
         fetch0 = self.stats.load_ms
         found = self._fetch_all(requests)
         fetch_ms = self.stats.load_ms - fetch0
+        t_plan = time.perf_counter()
         for req in requests:
             seq, pcs = self._plan(req, blender.config, found, computed)
             seqs.append(seq)
             pieces += pcs
         # Named ranges for bench/profile_vllm_gpu.py (nearly free without a profiler).
         rf = torch.profiler.record_function
+        t_issue = time.perf_counter()
         with rf("cacheblend.issue_copies"):
             load = LayerLoad(blender, self.kv, pieces)
-        trace = BlendTrace() if self.trace_dir else None
         cuda = load.cuda
+        trace = BlendTrace(defer_cpu=cuda) if self.trace_dir else None
         events = None
         if trace is not None and cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             events[0].record()
         hook = load.hook if trace is None or cuda else _timed(load.hook, trace)
-        prep_ms = (time.perf_counter() - t0) * 1e3
+        t_prep = time.perf_counter()
+        prep_ms = (t_prep - t0) * 1e3
         with rf("cacheblend.blend"):
             out = blender.run(seqs, self.kv, blend=True, trace=trace, layer_hook=hook)
             load.finish(self.gpu_tier)
@@ -440,6 +467,8 @@ class BlendWorker:
         if trace is None:
             return None
         trace.timings_ms["fetch"] = fetch_ms
+        trace.timings_ms["plan"] = (t_issue - t_plan) * 1e3  # BlendSeqs and pieces
+        trace.timings_ms["issue"] = (t_prep - t_issue) * 1e3  # LayerLoad set-up
         trace.timings_ms["prep"] = prep_ms  # fetch, plans, copies queued: before the blend
         trace.timings_ms["start_unix_ms"] = t_wall * 1e3  # against the caller's clock
         trace.timings_ms["host"] = (time.perf_counter() - t0) * 1e3  # enqueue time on CUDA
@@ -506,16 +535,26 @@ class BlendWorker:
         self._jit_seen = jit
         return st.take()
 
+    def _write_traces_logged(self, *item) -> None:
+        try:
+            self._write_traces(*item)
+        except Exception:  # noqa: BLE001 - a trace never fails serving
+            log.exception("writing a blend trace failed")
+
     def _write_traces(self, requests, seqs, selected, trace: BlendTrace, load: LayerLoad,
                       events) -> None:
         from blend.trace import write_batch
 
         if events is not None:  # GPU time of the blend and of the copies
             events[1].synchronize()
+            if load.copy_end is not None and load.issued:
+                load.copy_end.synchronize()
             trace.timings_ms["blend"] = float(events[0].elapsed_time(events[1]))
             copy = load.copy_ms()
             if copy is not None:
                 trace.timings_ms["load"] = copy
+        if trace.defer_cpu:
+            trace.to_cpu()
         cfg = self._blender_for(requests[0].config).config
         for doc in write_batch(self.trace_dir, trace, seqs, cfg, requests):
             self.last_traces[doc["req_id"]] = doc
@@ -530,8 +569,8 @@ def _evictions(store) -> int:
     return int(st.get("memory_evictions", 0)) + int(st.get("disk_evictions", 0))
 
 
-def question_probes(req: BlendRequest, config: BlendConfig, block_size: int) -> list[int]:
-    """The question tokens that probe a query-aware blend (none for `deviation`).
+def question_probes(req: BlendRequest, config: BlendConfig, block_size: int) -> np.ndarray:
+    """The question tokens that probe a query-aware blend (none for `deviation`), int64.
 
     vLLM prefills the question after the blend, in the same step, and writes its K/V
     over whatever the probes left there. Only positions inside the request's allocated
@@ -539,9 +578,14 @@ def question_probes(req: BlendRequest, config: BlendConfig, block_size: int) -> 
     of them before it reads it.
     """
     if config.selection == "deviation":
-        return []
+        return np.zeros(0, dtype=np.int64)
     q_end = min(len(req.token_ids), len(req.block_ids) * block_size)
-    return list(req.token_ids[req.context_end:q_end])
+    return np.asarray(req.token_ids[req.context_end:q_end], dtype=np.int64)
+
+
+def _ids_list(ids) -> list[int]:
+    """Token ids as Python ints (the metadata carries an array; some callers want a list)."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
 
 
 def _by_tokens(requests: list[BlendRequest], budget: int) -> list[list[BlendRequest]]:
