@@ -4,6 +4,7 @@
 #
 #   bash tools/gpu/model_device.sh stash      # carried .gpu_model/pK pieces -> /root/gmodel;
 #                                             # carried .gpu_data -> $CACHEBLEND_HOME/data
+#   bash tools/gpu/model_device.sh assemble   # only reassemble + check the GGUF
 #   bash tools/gpu/model_device.sh install    # reassemble, check sha256 (pieces and whole),
 #                                             # dequantize to bf16 with blend.assets into
 #                                             # $CACHEBLEND_HOME/models/Qwen2.5-Coder-1.5B-Instruct
@@ -107,9 +108,10 @@ while [ $# -gt 0 ]; do
   cmd=$1; shift
   case "$cmd" in
     stash) stash ;;
+    assemble) assemble || exit 1 ;;
     install) install || exit 1 ;;
     quality) quality "$@" || rc=1; break ;;
-    *) echo "unknown subcommand $cmd (stash|install|quality)" >&2; exit 2 ;;
+    *) echo "unknown subcommand $cmd (stash|assemble|install|quality)" >&2; exit 2 ;;
   esac
 done
 exit "$rc"
