@@ -42,6 +42,7 @@ import json
 import os
 import random
 import re
+import shutil
 import string
 import sys
 import time
@@ -401,7 +402,9 @@ def run(args, prof: dict, state: State, t0: float) -> dict:
     import blend
 
     trace_dir = state.dir / "traces"
-    trace_dir.mkdir(exist_ok=True)
+    # A new engine numbers its requests from 0 again: an older call's traces would match them.
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    trace_dir.mkdir()
     store = {"backend": "local", "path": str(state.dir / "kv"), "memory_bytes": args.memory_bytes,
              "disk_bytes": args.disk_bytes}
     if args.gpu_bytes:
