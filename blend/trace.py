@@ -9,7 +9,11 @@ CLI and people can read without torch or the model:
      "check_layers": [1, ...],
      "deviation": {"1": [d_start, ..., d_end-1], ...},   # null where not measured
      "selected": [positions recomputed after the last check layer],
-     "timings_ms": {"blend": ..., ...}}
+     "timings_ms": {"blend": ..., ...},
+     "token_layers": ..., "blended_tokens": ..., "probes": ...}   # connector traces
+
+`token_layers / (blended_tokens x num_layers)` is the request's measured compute as a share
+of a full prefill of the same tokens (`BlendTrace.token_layers`, per request).
 
 Offline: `trace_from_result(HFBlender.prefill(...))`. Serving: the connector
 writes one file per blended request into `kv_connector_extra_config["trace_dir"]`
@@ -62,9 +66,10 @@ def _clean(xs: Sequence[float]) -> list[float | None]:
 
 def make_doc(req_id: str, context: tuple[int, int], deviation: dict[int, Sequence[float]],
              selected: Sequence[int], timings_ms: dict[str, float] | None = None,
-             chunks: Sequence[tuple[int, int, str | None]] = ()) -> dict[str, Any]:
-    """The JSON-ready trace document of one request."""
-    return {
+             chunks: Sequence[tuple[int, int, str | None]] = (),
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-ready trace document of one request (`extra`: more top-level keys)."""
+    return {**(extra or {}),
         "version": TRACE_VERSION,
         "req_id": str(req_id),
         "context": [int(context[0]), int(context[1])],
@@ -171,10 +176,22 @@ def write_batch(directory: str | os.PathLike, trace: Any, seqs: Sequence[Any], c
                 requests: Sequence[Any]) -> list[dict[str, Any]]:
     """One trace file per request of a blended batch (connector worker side)."""
     docs = []
-    devs = split_batch(trace, seqs, config)
-    for req, seq, sel, dev in zip(requests, seqs, trace.selected, devs):
-        doc = make_doc(req.req_id, (seq.start, seq.end), dev, sel.tolist(), trace.timings_ms,
-                       [(c.start, c.end, c.key) for c in req.chunks])
+    # CACHEBLEND_TRACE=summary: counts and timings only, no per-token lists (a benchmark that
+    # traces thousands of 10k-token requests only wants each one's compute).
+    summary = os.environ.get("CACHEBLEND_TRACE", "") == "summary"
+    devs = [{} for _ in seqs] if summary else split_batch(trace, seqs, config)
+    per = list(getattr(trace, "seq_token_layers", [])) + [None] * len(seqs)
+    for req, seq, sel, dev, tl in zip(requests, seqs, trace.selected, devs, per):
+        # What the blend computed for this request: context-token layer passes (probes
+        # included) over its `blended_tokens` (the context computed here, probes excluded).
+        probes = int(getattr(seq, "num_probes", 0))
+        extra = {"blended_tokens": int(seq.token_ids.numel()) - probes, "probes": probes,
+                 "selected_count": int(sel.numel())}
+        if tl is not None:
+            extra["token_layers"] = int(tl)
+        doc = make_doc(req.req_id, (seq.start, seq.end), dev, [] if summary else sel.tolist(),
+                       trace.timings_ms,
+                       [(c.start, c.end, c.key) for c in req.chunks], extra)
         write_request_trace(directory, doc)
         docs.append(doc)
     return docs

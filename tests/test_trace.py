@@ -88,6 +88,7 @@ def test_batched_blend_splits_per_request(hb, prose_chunks, tmp_path):
     L = hb.adapter.num_layers
     assert [f"load.{i}" in tr.timings_ms for i in range(L)] == [True] * L
     assert 0 < tr.timings_ms["layers"] <= tr.timings_ms["blend"]
+    assert sum(tr.seq_token_layers) == tr.token_layers
     reqs = [_Req(f"req-{i}", s) for i, s in enumerate(seqs)]
     docs = write_batch(tmp_path, tr, seqs, cfg, reqs)
     back = load_dir(tmp_path)
@@ -96,6 +97,9 @@ def test_batched_blend_splits_per_request(hb, prose_chunks, tmp_path):
         t = back[doc["req_id"]]
         n = seq.end
         assert t.selected == one.selected[0].tolist()
+        # Each request's measured compute (bench/quality_gpu.py) is its own, batched or not.
+        assert doc["token_layers"] == one.token_layers > 0
+        assert doc["blended_tokens"] == seq.end - seq.start and doc["probes"] == 0
         for layer in (1, 3):
             torch.testing.assert_close(torch.tensor(t.deviation[layer]),
                                        one.deviation_dense(layer, 0, n), equal_nan=True,
