@@ -25,13 +25,12 @@ RUN: dict[str, str] = {
 # checked: every patch point and API we rely on read in that release's wheel
 # (`python -m blend.patches.check_wheel`, bench/results/vllm_wheels_check.txt), never run;
 # starts with a warning that asks for `cacheblend verify --model PATH`.
-_READ = "GPU wheel (CUDA build) by patches/check_wheel.py, not run"
 CHECKED: dict[str, str] = {
-    "0.27": f"0.27.1 {_READ}",
-    "0.28": f"0.28.0 {_READ}",
-    "0.29": f"0.29.0 {_READ}",
-    "0.30": f"0.30.0 {_READ}",
-    "0.31": f"0.31.0 {_READ}",
+    "0.27": "0.27.1 GPU wheel",
+    "0.28": "0.28.0 GPU wheel",
+    "0.29": "0.29.0 GPU wheel",
+    "0.30": "0.30.0 GPU wheel",
+    "0.31": "0.31.0 GPU wheel",
 }
 # refused: read in the wheel and found to differ in a way the code does not handle.
 REFUSED: dict[str, str] = {}
@@ -125,19 +124,22 @@ def unrun_warning(version: str) -> str | None:
     key = version_key(version)
     if key not in CHECKED:
         return None
-    return (f"cacheblend has not run on vLLM {version}: its patch points and the APIs the "
-            f"connector uses were checked in the {CHECKED[key]}, but no engine test ran on it. "
-            "Run `cacheblend verify --model PATH` with your model before relying on its output.")
+    return (f"cacheblend has not run on vLLM {version}: its patch points and the vLLM APIs "
+            f"the connector uses were only read in the {CHECKED[key]} "
+            "(python -m blend.patches.check_wheel). Run `cacheblend verify --model PATH` with "
+            "your model before relying on its output.")
+
+
+def _listed() -> str:
+    return (f"run: {', '.join(RUN)}; checked in their wheels, not run: "
+            f"{', '.join(CHECKED) or 'none'}")
 
 
 def unsupported_message(version: str) -> str:
-    listed = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
     key = version_key(version)
     if key in REFUSED:
-        return (f"cacheblend refuses vLLM {version}: {REFUSED[key]}. Supported: {listed}. "
+        return (f"cacheblend refuses vLLM {version}: {REFUSED[key]}. Supported ({_listed()}). "
                 "Set BLEND_DISABLE_PATCHES=1 to run vLLM without cacheblend.")
-    return (
-        f"cacheblend does not support vLLM {version}: it supports vLLM {RANGE[0]} to "
-        f"{RANGE[1]}, with patch points checked against vLLM {listed} only. Install one of "
-        "those versions, or set BLEND_DISABLE_PATCHES=1 to run vLLM without cacheblend."
-    )
+    return (f"cacheblend does not support vLLM {version}: it supports vLLM {RANGE[0]} to "
+            f"{RANGE[1]} ({_listed()}). Install one of those, or set BLEND_DISABLE_PATCHES=1 "
+            "to run vLLM without cacheblend.")
