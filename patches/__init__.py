@@ -21,7 +21,14 @@ from blend.log import get_logger
 
 from . import hooks, model_capture
 from .appliers import APPLIERS
-from .table import SUPPORTED, PatchPoint, points_for, unsupported_message, version_key
+from .table import (
+    SUPPORTED,
+    PatchPoint,
+    points_for,
+    unrun_warning,
+    unsupported_message,
+    version_key,
+)
 
 log = get_logger("Patch")
 
@@ -47,12 +54,12 @@ class PatchStatus:
     """One patch point as `cacheblend verify` shows it."""
 
     name: str
-    state: str  # LOADED | INSTALLED | PENDING | ABSENT | FAILED | DISABLED | UNSUPPORTED | MISSING
+    state: str  # LOADED | INSTALLED | PENDING | ABSENT | NOT RUN | FAILED | DISABLED | UNSUPPORTED | MISSING
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.state in ("LOADED", "INSTALLED", "PENDING", "ABSENT")
+        return self.state in ("LOADED", "INSTALLED", "PENDING", "ABSENT", "NOT RUN")
 
     def line(self) -> str:
         return f"{self.name}: {self.state}" + (f" ({self.detail})" if self.detail else "")
@@ -125,6 +132,9 @@ def install_import_hook() -> bool:
             _refusal = unsupported_message(version)
             log.error("%s", _refusal)
             return False
+        warning = unrun_warning(version)
+        if warning:
+            log.warning("%s", warning)
         _arm(points)
         _armed = True
     return True
@@ -198,6 +208,9 @@ def verify_patches(import_modules: bool = False) -> list[PatchStatus]:
             out.append(PatchStatus(name, "ABSENT"))
         else:
             out.append(PatchStatus(name, "PENDING", "vLLM module not imported yet"))
+    warning = unrun_warning(version)
+    if warning:
+        out.append(PatchStatus("vllm version", "NOT RUN", warning))
     cap = model_capture.captured()
     if cap is not None:
         out.append(PatchStatus("captured model", "LOADED", f"{type(cap.model).__name__} via {cap.runner}"))
