@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 DEVIATIONS = ("v_l2", "k_l2", "k_l1", "kv_l2")
-BACKENDS = ("auto", "torch", "triton", "flash")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 SELECTIONS = ("deviation", "query", "hybrid", "cheap")
 
 
@@ -83,9 +83,9 @@ class BlendConfig:
         if isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float)) \
                 or not math.isfinite(self.query_weight) or self.query_weight < 0:
             raise BlendConfigError(f"query_weight: {self.query_weight!r} must be a number >= 0")
-        if self.attention_backend not in BACKENDS:
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise BlendConfigError(
-                f"attention_backend: {self.attention_backend!r} not in {BACKENDS}")
+                f"attention_backend: {self.attention_backend!r} not in {ATTENTION_BACKENDS}")
 
     @classmethod
     def from_dict(cls, meta: Mapping[str, Any] | None) -> BlendConfig:

@@ -17,8 +17,6 @@ import torch
 
 from blend.triton_kernels._paged import gather_tokens
 
-SELECTIONS = ("deviation", "query", "hybrid", "cheap")
-
 
 def query_mass(
     q_rows: torch.Tensor,

@@ -174,7 +174,7 @@ def check_members(src: VllmSource) -> list[Row]:
 def check_backends(src: VllmSource) -> list[Row]:
     """Each backend's `get_name()` string and the K/V split `layer_views` mirrors."""
     rows = []
-    for name, (module, view) in vllm_api.BACKENDS.items():
+    for name, (module, view) in vllm_api.KV_VIEWS.items():
         text = src.text(module)
         if text is None:
             rows.append(Row("MISSING", f"backend {name} (no module)", module, optional=True))

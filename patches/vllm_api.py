@@ -82,7 +82,7 @@ MODULE_NAMES: tuple[tuple[str, str, str], ...] = (
 
 # Attention backend name -> (module, the source line that cuts its per-layer KV into K and V
 # the way `blend/connector/kv_layout.py:layer_views` assumes).
-BACKENDS: dict[str, tuple[str, str]] = {
+KV_VIEWS: dict[str, tuple[str, str]] = {
     "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn", "kv_cache.transpose(1, 2).split("),
     "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn", "kv_cache.transpose(1, 2).split("),
     "FLASHINFER": ("vllm.v1.attention.backends.flashinfer", "kv_cache.transpose(1, 2).split("),

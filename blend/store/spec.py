@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 GiB = 1 << 30
-BACKENDS = ("local", "ucm")
+STORE_BACKENDS = ("local", "ucm")
 ALLOWED = {
     "local": {"backend", "path", "memory_bytes", "disk_bytes", "pin_memory", "promote",
               "gpu_bytes", "memory_policy"},
@@ -127,9 +127,9 @@ def parse(spec: str | dict | None) -> dict:
     else:
         raise ValueError(f"store: expected a string, a dict or None, got {type(spec).__name__}")
     backend = spec["backend"]
-    if backend not in BACKENDS:
+    if backend not in STORE_BACKENDS:
         raise ValueError(f"backend: unknown store backend {backend!r}; allowed: "
-                         f"{', '.join(BACKENDS)}")
+                         f"{', '.join(STORE_BACKENDS)}")
     unknown = sorted(set(spec) - ALLOWED[backend])
     if unknown:
         raise ValueError(f"store: unknown key(s) {unknown} for backend {backend!r}; allowed: "
