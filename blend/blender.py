@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from blend.attention import BlendOps, get_ops
-from blend.config import BlendConfig, num_recompute
+from blend.config import BlendConfig
 from blend.faults import active as active_fault
 from blend.faults import fault_rows
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
+from blend.run_plan import RunPlan, plan_run
 from blend.selection import combine, per_token, query_mass
 from blend.triton_kernels._paged import to_device
 
@@ -158,233 +159,217 @@ class Blender:
         Each sequence's last `num_outputs` tokens get logits; in a blend they are forced,
         so a question rides in the same pass as its context (exact, by causality).
         """
-        a, ops, cfg = self.adapter, self.ops, self.config
-        dev = a.device
-        device = torch.device(dev)
-        t0 = time.perf_counter()
-        lens = [int(s.token_ids.numel()) for s in seqs]
-        cu = _cumsum(lens)
+        started = time.perf_counter()
+        forced = [s.forced if blend else None for s in seqs]
+        plan = plan_run(self.config, [int(s.token_ids.numel()) for s in seqs],
+                        [s.end for s in seqs], forced, [s.num_outputs for s in seqs],
+                        [s.num_probes for s in seqs], blend=blend)
+        rows = self._upload(seqs, plan, _forced_masks(forced, plan), kv.block_size, blend)
+        if self.device.type == "cuda":
+            _preload(plan, self.device)
+        hooks = _LayerHooks(layer_hook)
+        if plan.cheap:
+            self._probe_select(plan, rows, kv, hooks, trace)
+        logits = self._layers(plan, rows, kv, hooks, trace)
+        hooks(self.adapter.num_layers - 1)  # an early stop still owes the later layers their load
+        cu = plan.phase_cu[rows.phase]
+        selected = [rows.pos[cu[b]:cu[b + 1]] for b in range(len(seqs))]
+        if trace is not None:
+            trace.selected = [trace.host(s) for s in selected]
+            trace.timings_ms["blend" if blend else "prefill"] = (time.perf_counter() - started) * 1e3
+        return RunOutput(selected=selected, logits=logits)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.adapter.device)
+
+    def _upload(self, seqs: Sequence[BlendSeq], plan: RunPlan, forced: list[torch.Tensor],
+                block_size: int, blend: bool) -> _ActiveRows:
+        """The run's per-token device tensors (host metadata copied without a sync)."""
+        dev = self.adapter.device
         ids = _h2d(torch.cat([s.token_ids.cpu() for s in seqs]), dev)
         pos = torch.cat([torch.arange(s.start, s.end, device=dev) for s in seqs])
         block_table = _h2d(_stack_rows([s.block_table for s in seqs]), dev)
         slots = torch.cat([slots_for(block_table[b], torch.arange(s.start, s.end, device=dev),
-                                     kv.block_size) for b, s in enumerate(seqs)])
-        seq_lens = [s.end for s in seqs]
-        outs = [min(s.num_outputs, n) for s, n in zip(seqs, lens)]
-        probes = [min(s.num_probes, n - o) if blend else 0 for s, n, o in zip(seqs, lens, outs)]
-        # The question: the forced rows at the end that query selection reads.
-        qrows = [o + p for o, p in zip(outs, probes)]
-
-        checks = dict(zip(cfg.check_layers, cfg.ratios())) if blend else {}
-        forced_host = []
-        for s, n, q in zip(seqs, lens, qrows):
-            f = s.forced.clone() if (blend and s.forced is not None) else torch.zeros(n, dtype=torch.bool)
-            f[n - q:] = True
-            forced_host.append(f)
-        n_forced = [int(f.sum()) for f in forced_host]
-        n_cached = [n - f for n, f in zip(lens, n_forced)]
-        forced = _h2d(torch.cat(forced_host), dev)
-        # Test-only fault (blend/faults.py): +1 on the rows whose RoPE or mask it breaks.
-        bad = None
-        if self.fault is not None and blend:
+                                     block_size) for b, s in enumerate(seqs)])
+        rows = _ActiveRows(block_table, ids, pos, slots, _h2d(torch.cat(forced), dev))
+        if self.fault is not None and blend:  # test-only (blend/faults.py)
             spans = [s.fault_span for s in seqs]
-            bad = _h2d(fault_rows(self.fault, spans, forced_host), dev)
-        # No full-token check layer in the cheap mode: a probe pass of the question picks
-        # the recomputed set before layer 0 (below), and nothing is filtered after.
-        cheap = blend and cfg.selection == "cheap" and any(qrows)
-        cheap_take = [nf + num_recompute(cfg.recomp_ratio, nc) for nf, nc in zip(n_forced, n_cached)]
-        if cheap:
-            checks = {}
-        # Every layer's sizes are known here, from host metadata alone.
-        start_cu = cu
-        drop_rows = None  # rows kept when the probes are dropped (after the last check)
-        rows_ahead: list[list[int]] = []  # the query rows the layers will index
-        if cheap:
-            rows_ahead.append(_tail_rows(cu, qrows))
-            start_cu = _cumsum([min(t, n) for t, n in zip(cheap_take, lens)])
-            if any(probes):
-                drop_rows = _kept_rows(start_cu, probes)
-                start_cu = _cumsum(_tail_dropped(start_cu, probes))
-        takes, phase_cu = {}, [start_cu]
-        for layer in sorted(checks):
-            c = phase_cu[-1]
-            if cfg.selection in ("query", "hybrid") and any(qrows):
-                rows_ahead.append(_tail_rows(c, qrows))
-            takes[layer] = [nf + num_recompute(checks[layer], nc)
-                            for nf, nc in zip(n_forced, n_cached)]
-            c = _cumsum([min(t, c[b + 1] - c[b]) for b, t in enumerate(takes[layer])])
-            if layer == max(checks) and any(probes):  # probes: no use past the last check
-                drop_rows = _kept_rows(c, probes)
-                c = _cumsum(_tail_dropped(c, probes))
-            phase_cu.append(c)
-        if drop_rows is not None:
-            rows_ahead.append(drop_rows)
-        final = phase_cu[-1]
-        out_rows = [i for b, o in enumerate(outs) for i in range(final[b + 1] - o, final[b + 1])]
-        if device.type == "cuda":
-            _preload(dev, phase_cu, takes, seq_lens, out_rows, _cumsum(outs))
-            if cheap:
-                from blend.triton_kernels.deviation import preload_select
+            rows.fault, rows.fault_rows = self.fault, _h2d(fault_rows(self.fault, spans, forced), dev)
+        return rows
 
-                preload_select(cu, cheap_take, device)
-            for r in rows_ahead:
-                to_device(r, device)
+    def _probe_select(self, plan: RunPlan, rows: _ActiveRows, kv, hooks, trace) -> None:
+        """Cheap selection: the question alone runs over the cached KV up to the last check
+        layer, and its attention there picks the rows recomputed from layer 0."""
+        question = to_device(plan.probe_rows, self.device)
+        mass = self._probe(rows.ids[question], rows.pos[question], rows.slots[question],
+                           plan.question_cu, rows.block_table, plan.seq_lens, kv, hooks, trace)
+        score = per_token(mass, rows.pos, plan.token_cu)
+        keep = self.ops.select(score, rows.forced, plan.token_cu, plan.cheap_takes)
+        if trace is not None:
+            trace.deviation[max(self.config.check_layers)] = (trace.host(rows.pos),
+                                                              trace.host(score.float()))
+        if plan.rows_without_probes is not None:  # the probe pass was their only use
+            keep = keep[to_device(plan.rows_without_probes, self.device)]
+        rows.ids = rows.ids[keep]
+        rows.keep(keep)
 
-        hooked = [-1]
-
-        def hook(upto: int) -> None:  # each layer's hook runs once, in order, whoever asks first
-            if layer_hook is not None:
-                for j in range(hooked[0] + 1, upto + 1):
-                    layer_hook(j)
-            hooked[0] = max(hooked[0], upto)
-
-        if cheap:
-            # The question alone runs over the cached KV up to the last check layer, and its
-            # attention there picks the tokens recomputed from layer 0.
-            rows = to_device(_tail_rows(cu, qrows), device)
-            mass = self._probe(ids[rows], pos[rows], slots[rows], _cumsum(qrows), block_table,
-                               seq_lens, kv, hook, trace)
-            score = per_token(mass, pos, cu)
-            keep = ops.select(score, forced, cu, cheap_take)
-            if trace is not None:
-                trace.deviation[max(cfg.check_layers)] = (trace.host(pos), trace.host(score.float()))
-            ids, pos, slots, forced = ids[keep], pos[keep], slots[keep], forced[keep]
-            bad = None if bad is None else bad[keep]
-            if drop_rows is not None:  # the probe pass was their only use
-                rows = to_device(drop_rows, device)
-                ids, pos, slots, forced = ids[rows], pos[rows], slots[rows], forced[rows]
-                bad = None if bad is None else bad[rows]
-                qrows = outs
-        h = a.embed(ids)
-        act_pos, act_slots, act_forced, act_cu = pos, slots, forced, start_cu
-        q_pos = act_pos.to(torch.int32)
-        last = a.num_layers - 1
-        logits = None
-        phase = 0
-        for layer in range(a.num_layers):
-            hook(layer)
+    def _layers(self, plan: RunPlan, rows: _ActiveRows, kv, hooks, trace) -> torch.Tensor | None:
+        """The layer loop over the active rows; the output rows' logits, or None when the run
+        has no outputs (or nothing left to recompute)."""
+        adapter, ops, last = self.adapter, self.ops, self.adapter.num_layers - 1
+        hidden = adapter.embed(rows.ids)
+        q_pos = rows.pos.to(torch.int32)
+        for layer in range(adapter.num_layers):
+            hooks(layer)
             k_cache, v_cache = kv.layer(layer)
-            rope_pos = act_pos if bad is None or self.fault != "rope" else act_pos + bad
-            q, k, v, h = a.qkv(layer, h, rope_pos)
+            q, k, v, hidden = adapter.qkv(layer, hidden, rows.rope_pos())
             fused = False
-            if layer in checks:
-                d, fused = self._check_scores(q, k, v, k_cache, v_cache, act_slots, q_pos, act_cu,
-                                              act_forced, qrows, block_table, seq_lens)
-                keep = ops.select(d, act_forced, act_cu, takes[layer])
-                if trace is not None:
-                    trace.deviation[layer] = (trace.host(act_pos), trace.host(d.float()))
-                phase += 1
-                act_cu = phase_cu[phase]
-                if layer == max(checks) and drop_rows is not None:  # drop the probes
-                    keep = keep[to_device(drop_rows, device)]
-                    qrows = outs
-                h, q, k, v = h[keep], q[keep], k[keep], v[keep]
-                act_pos, act_slots, act_forced = act_pos[keep], act_slots[keep], act_forced[keep]
-                bad = None if bad is None else bad[keep]
-                q_pos = act_pos.to(torch.int32)
-                if act_cu[-1] == 0:
+            if layer in plan.takes:
+                keep, fused = self._check(plan, layer, rows, q, k, v, k_cache, v_cache, q_pos, trace)
+                hidden, q, k, v = hidden[keep], q[keep], k[keep], v[keep]
+                rows.keep(keep)
+                q_pos = rows.pos.to(torch.int32)
+                if plan.phase_cu[rows.phase][-1] == 0:
                     break  # nothing left to recompute: every later layer keeps its cached KV
             if not fused:
-                ops.fuse_kv(k_cache, v_cache, act_slots, k, v)
+                ops.fuse_kv(k_cache, v_cache, rows.slots, k, v)
             if trace is not None:  # the last layer computes only K/V for context tokens: count it
-                trace.count([act_cu[b + 1] - act_cu[b] - qrows[b] for b in range(len(seqs))])
+                trace.count(plan.context_rows[rows.phase])
+            q_cu = plan.phase_cu[rows.phase]
             if layer == last:
                 # The last layer's output feeds only the logits: run it for the output tokens,
-                # which are forced and so are the last `outs[b]` active tokens of each sequence.
-                if not any(outs):
+                # which are forced and so are the last `outputs[b]` active rows of each sequence.
+                if not any(plan.outputs):
                     break
-                rows = to_device(out_rows, device)
-                h, q, q_pos, q_cu = h[rows], q[rows], q_pos[rows], _cumsum(outs)
-            else:
-                q_cu = act_cu
-            attn_pos = q_pos
-            if bad is not None and self.fault == "mask" and layer != last:
-                attn_pos = q_pos + bad.to(torch.int32)  # sees one future key
+                out = to_device(plan.output_rows, self.device)
+                hidden, q, q_pos, q_cu = hidden[out], q[out], q_pos[out], plan.output_cu
             # Dense: every position of each request is a query (before the first check, in a
             # plain prefill, or after checks that kept everything, as at r=1), or only its tail
             # (the output rows of the last layer).
-            dense = act_cu == cu or layer == last
-            o = ops.attend(dense)(q, k_cache, v_cache, attn_pos, q_cu, block_table, seq_lens,
-                                  a.scale)
-            h = a.finish_layer(layer, h, o)
+            attend = ops.attend(plan.dense[rows.phase] or layer == last)
+            attn = attend(q, k_cache, v_cache, rows.attn_pos(q_pos, layer != last), q_cu,
+                          rows.block_table, plan.seq_lens, adapter.scale)
+            hidden = adapter.finish_layer(layer, hidden, attn)
             if layer == last:
-                logits = a.logits(h)
-        hook(a.num_layers - 1)  # an early stop still owes the later layers their load
-        selected = [act_pos[act_cu[b]:act_cu[b + 1]] for b in range(len(seqs))]
-        if trace is not None:
-            trace.selected = [trace.host(s) for s in selected]
-            trace.timings_ms["blend" if blend else "prefill"] = (time.perf_counter() - t0) * 1e3
-        return RunOutput(selected=selected, logits=logits)
+                return adapter.logits(hidden)
+        return None
 
-    def _probe(self, ids, pos, slots, cu, block_table, seq_lens, kv, hook, trace):
+    def _check(self, plan: RunPlan, layer: int, rows: _ActiveRows, q, k, v, k_cache, v_cache,
+               q_pos, trace) -> tuple[torch.Tensor, bool]:
+        """A check layer: rank the active rows, keep the plan's share and enter the next phase.
+        The kept rows, and whether their fresh K/V are already in the cache."""
+        cu = plan.phase_cu[rows.phase]
+        score, fused = self._check_scores(plan, layer, cu, rows, q, k, v, k_cache, v_cache, q_pos)
+        keep = self.ops.select(score, rows.forced, cu, plan.takes[layer])
+        if trace is not None:
+            trace.deviation[layer] = (trace.host(rows.pos), trace.host(score.float()))
+        rows.phase += 1
+        if layer == plan.last_check and plan.rows_without_probes is not None:  # drop the probes
+            keep = keep[to_device(plan.rows_without_probes, self.device)]
+        return keep, fused
+
+    def _probe(self, ids, pos, slots, cu, block_table, seq_lens, kv, hooks, trace):
         """The question alone over the cache up to the last check layer: per sequence, its
         attention mass on every key position, summed over the check layers.
 
         Its own K/V writes are provisional: the pass that follows (or vLLM, for the
         question) recomputes the question and overwrites them.
         """
-        a, ops = self.adapter, self.ops
+        adapter, ops, checks = self.adapter, self.ops, self.config.check_layers
         q_pos = pos.to(torch.int32)
-        h = a.embed(ids)
+        hidden = adapter.embed(ids)
         total = None
-        for layer in range(max(self.config.check_layers) + 1):
-            hook(layer)
+        for layer in range(max(checks) + 1):
+            hooks(layer)
             k_cache, v_cache = kv.layer(layer)
-            q, k, v, h = a.qkv(layer, h, pos)
+            q, k, v, hidden = adapter.qkv(layer, hidden, pos)
             ops.fuse_kv(k_cache, v_cache, slots, k, v)
-            if layer in self.config.check_layers:
-                mass = query_mass(q, q_pos, cu, k_cache, block_table, seq_lens, a.scale)
+            if layer in checks:
+                mass = query_mass(q, q_pos, cu, k_cache, block_table, seq_lens, adapter.scale)
                 total = mass if total is None else [t + m for t, m in zip(total, mass)]
-            if layer == max(self.config.check_layers):
+            if layer == max(checks):
                 break
-            h = a.finish_layer(layer, h, ops.attend(True)(q, k_cache, v_cache, q_pos, cu,
-                                                          block_table, seq_lens, a.scale))
+            attn = ops.attend(True)(q, k_cache, v_cache, q_pos, cu, block_table, seq_lens,
+                                    adapter.scale)
+            hidden = adapter.finish_layer(layer, hidden, attn)
         if trace is not None:  # question rows run twice: the probe is extra work
-            trace.count([(max(self.config.check_layers) + 1) * (cu[b + 1] - cu[b])
-                         for b in range(len(cu) - 1)])
-        return [a.reduce_scores(t) for t in total]
+            trace.count([(max(checks) + 1) * (cu[b + 1] - cu[b]) for b in range(len(cu) - 1)])
+        return [adapter.reduce_scores(t) for t in total]
 
-    def _check_scores(self, q, k, v, k_cache, v_cache, slots, q_pos, cu, forced, qrows,
-                      block_table, seq_lens) -> tuple[torch.Tensor, bool]:
+    def _check_scores(self, plan: RunPlan, layer: int, cu, rows: _ActiveRows, q, k, v, k_cache,
+                      v_cache, q_pos) -> tuple[torch.Tensor, bool]:
         """Ranking score `[N]` of the active tokens at a check layer, and whether their fresh
         K/V are already in the cache (query scoring fuses them first, to read exact keys)."""
-        a, ops, cfg = self.adapter, self.ops, self.config
+        adapter, ops, cfg = self.adapter, self.ops, self.config
         policy = cfg.selection
-        dev = None
-        if policy != "query" or not any(qrows):
-            dev = a.reduce_scores(ops.deviation(k, v, k_cache, v_cache, slots, cfg.deviation))
-        if policy not in ("query", "hybrid") or not any(qrows):
-            return dev, False  # no question in the pass (or cheap mode without one): deviation
+        deviation = None
+        if policy != "query" or not plan.has_question:
+            deviation = adapter.reduce_scores(ops.deviation(k, v, k_cache, v_cache, rows.slots,
+                                                            cfg.deviation))
+        if policy not in ("query", "hybrid") or not plan.has_question:
+            return deviation, False  # no question in the pass (or cheap mode without one)
         # Every active token's fresh K/V is already computed here, and better than its cached
         # K/V (exact at the first check layer): write them all, not only the kept ones, so
         # the question reads the keys the kept tokens will see.
-        ops.fuse_kv(k_cache, v_cache, slots, k, v)
-        rows = to_device(_tail_rows(cu, qrows), q.device)
-        mass = query_mass(q[rows], q_pos[rows], _cumsum(qrows), k_cache, block_table, seq_lens,
-                          a.scale)
-        mass = a.reduce_scores(per_token(mass, q_pos.long(), cu))
-        return combine(policy, dev, mass, ~forced, cu, cfg.query_weight), True
+        ops.fuse_kv(k_cache, v_cache, rows.slots, k, v)
+        question = to_device(plan.query_rows[layer], q.device)
+        mass = query_mass(q[question], q_pos[question], plan.question_cu, k_cache,
+                          rows.block_table, plan.seq_lens, adapter.scale)
+        mass = adapter.reduce_scores(per_token(mass, q_pos.long(), cu))
+        return combine(policy, deviation, mass, ~rows.forced, cu, cfg.query_weight), True
 
 
-def _tail_rows(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
-    """Row indexes of the last `tail[b]` rows of each sequence (the question)."""
-    return [i for b, t in enumerate(tail) for i in range(cu[b + 1] - t, cu[b + 1])]
+@dataclass
+class _ActiveRows:
+    """The run's per-token device tensors, narrowed to the active rows as checks keep fewer."""
+
+    block_table: torch.Tensor
+    ids: torch.Tensor  # read by the embedding (and the probe pass) only
+    pos: torch.Tensor
+    slots: torch.Tensor
+    forced: torch.Tensor
+    phase: int = 0  # index into the plan's per-phase sizes
+    # Test-only (blend/faults.py): the fault's kind and +1 on the rows it hits.
+    fault: str | None = None
+    fault_rows: torch.Tensor | None = None
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.pos, self.slots, self.forced = self.pos[keep], self.slots[keep], self.forced[keep]
+        self.fault_rows = None if self.fault_rows is None else self.fault_rows[keep]
+
+    def rope_pos(self) -> torch.Tensor:
+        """Positions RoPE rotates by (a `rope` fault: one too far on its rows)."""
+        return self.pos + self.fault_rows if self.fault == "rope" else self.pos
+
+    def attn_pos(self, q_pos: torch.Tensor, faultable: bool) -> torch.Tensor:
+        """Query positions for the causal mask (a `mask` fault: one future key on its rows)."""
+        if self.fault == "mask" and faultable:
+            return q_pos + self.fault_rows.to(torch.int32)
+        return q_pos
 
 
-def _kept_rows(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
-    """Row indexes of each sequence without its last `tail[b]` rows (probes dropped)."""
-    return [i for b, t in enumerate(tail) for i in range(cu[b], cu[b + 1] - t)]
+class _LayerHooks:
+    """Runs each layer's hook once, in order, whoever asks first (probe pass or layer loop)."""
+
+    def __init__(self, hook: Callable[[int], None] | None):
+        self.hook, self.done = hook, -1
+
+    def __call__(self, upto: int) -> None:
+        if self.hook is not None:
+            for layer in range(self.done + 1, upto + 1):
+                self.hook(layer)
+        self.done = max(self.done, upto)
 
 
-def _tail_dropped(cu: Sequence[int], tail: Sequence[int]) -> list[int]:
-    return [cu[b + 1] - cu[b] - t for b, t in enumerate(tail)]
-
-
-def _cumsum(xs: Sequence[int]) -> list[int]:
-    out = [0]
-    for x in xs:
-        out.append(out[-1] + x)
-    return out
+def _forced_masks(forced: Sequence[torch.Tensor | None], plan: RunPlan) -> list[torch.Tensor]:
+    """Each sequence's host mask of always-recomputed rows: its own, and its question."""
+    masks = []
+    for f, n, q in zip(forced, plan.lens, plan.question):
+        mask = f.clone() if f is not None else torch.zeros(n, dtype=torch.bool)
+        mask[n - q:] = True
+        masks.append(mask)
+    return masks
 
 
 def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -395,8 +380,8 @@ def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return table
 
 
-def _preload(dev, phase_cu, takes, seq_lens, out_rows, out_cu) -> None:
-    """Upload every small host tensor the run's layers will copy, before the first layer hook.
+def _preload(plan: RunPlan, device: torch.device) -> None:
+    """Upload every small host list the run's layers will copy, before the first layer hook.
 
     The hook queues the chunk KV copies (gigabytes) on the host-to-device
     engine; a metadata copy issued after them would wait behind them, and its
@@ -405,14 +390,17 @@ def _preload(dev, phase_cu, takes, seq_lens, out_rows, out_cu) -> None:
     """
     from blend.triton_kernels.deviation import preload_select
 
-    device = torch.device(dev)
-    for c in (*phase_cu, out_cu):
-        to_device(c, device)
-    to_device(seq_lens, device)
-    for layer, c in zip(sorted(takes), phase_cu):
-        preload_select(c, takes[layer], device)
-    if out_rows:
-        to_device(out_rows, device)
+    for cu in (*plan.phase_cu, plan.output_cu):
+        to_device(cu, device)
+    to_device(plan.seq_lens, device)
+    for layer, cu in zip(sorted(plan.takes), plan.phase_cu):
+        preload_select(cu, plan.takes[layer], device)
+    if plan.output_rows:
+        to_device(plan.output_rows, device)
+    if plan.cheap:
+        preload_select(plan.token_cu, plan.cheap_takes, device)
+    for rows in plan.preload_rows:
+        to_device(rows, device)
 
 
 def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
