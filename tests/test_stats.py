@@ -7,8 +7,6 @@ stats path into Prometheus.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from blend.stats import COUNTERS, BlendStats, collect, load_gbps
@@ -65,10 +63,18 @@ class _Store:
         return {"errors": dict(self.errors)}
 
 
+class _Role:
+    """A scheduler or worker as `collect` sees it (weak-referenceable, like the real ones)."""
+
+    def __init__(self, store, **attrs) -> None:
+        self.store = store
+        self.__dict__.update(attrs)
+
+
 def test_collect_reports_the_worker_since_its_last_call():
     store = _Store()
     taken = [{"chunks": 4, "chunk_hits": 3, "blend_ms": 7.0, "stored_chunks": 1}, {}]
-    worker = SimpleNamespace(store=store, take_stats=lambda: taken.pop(0))
+    worker = _Role(store, take_stats=lambda: taken.pop(0))
     store.errors = {"checksum": 2}
     st = collect(worker=worker)
     assert (st.data["chunk_lookups"], st.data["chunk_hits"], st.data["stored_chunks"]) == (4, 3, 1)
@@ -78,8 +84,8 @@ def test_collect_reports_the_worker_since_its_last_call():
 
 def test_collect_turns_the_schedulers_running_totals_into_deltas():
     store = _Store()
-    sched = SimpleNamespace(store=store, stats={"fallbacks": 2, "plain_prefills": 1,
-                                                "scheduler_ms": 0.5, "bad_spans": 2})
+    sched = _Role(store, stats={"fallbacks": 2, "plain_prefills": 1, "scheduler_ms": 0.5,
+                                "bad_spans": 2})
     st = collect(scheduler=sched)
     assert (st.data["fallbacks"], st.data["plain_prefills"]) == (2, 1)
     sched.stats = {**sched.stats, "fallbacks": 3, "scheduler_ms": 0.75}
@@ -96,5 +102,5 @@ def test_a_store_whose_stats_fail_does_not_fail_the_step():
         def stats(self):
             raise OSError("gone")
 
-    worker = SimpleNamespace(store=Broken(), take_stats=lambda: {"chunks": 1})
+    worker = _Role(Broken(), take_stats=lambda: {"chunks": 1})
     assert collect(worker=worker).data["store_errors"] == {}

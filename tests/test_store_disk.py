@@ -156,6 +156,7 @@ def test_an_inflated_counter_corrects_itself(tmp_path):
 
 def test_an_eviction_pass_sweeps_dead_writers_temp_files(tmp_path):
     tier = DiskTier(tmp_path, 1 << 20, FP)
+    tier.write(key("b"), kv(1))  # creates the counter file
     dead = tier.root / "tmp" / f"{key('z')}.{2 ** 22 + 12345}.abcdef.tmp"  # no such pid
     dead.write_bytes(b"partial")
     mine = tier.root / "tmp" / f"{key('y')}.{os.getpid()}.abcdef.tmp"  # a live writer's
