@@ -9,6 +9,8 @@ cache. The store is a real local store in `tmp_path`.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from connector_utils import (
     cached_req_output,
@@ -29,6 +31,16 @@ from blend.connector.metadata import ChunkRef, SaveRequest
 SPANS = [(10, 40), (40, 80)]  # prefix 10, two chunks (30 and 40 tokens), question 20
 PROMPT_LEN = 100
 BLOCKS = list(range(7))  # ceil(100 / 16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _environ_as_before():
+    """Building a `VllmConfig` rewrites os.environ for vLLM's workers (LD_PRELOAD, the
+    multiprocessing method, ...); later tests in this process must not see that."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
