@@ -7,7 +7,7 @@ full prefill.
 
 __version__ = "0.1.0"
 
-# vLLM integration (DESIGN.md §1, §4): helpers, and patches applied when vLLM is imported.
+# vLLM integration: helpers, and patches applied when vLLM is imported.
 from blend.api import BlendPrompt, build_prompt, kv_transfer_config, precompute  # noqa: E402, F401
 from blend.patches import install_import_hook as _install_import_hook  # noqa: E402
 

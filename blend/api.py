@@ -1,4 +1,4 @@
-"""The user-facing helpers of DESIGN.md §1: `kv_transfer_config`, `build_prompt`, `precompute`.
+"""The user-facing helpers: `kv_transfer_config`, `build_prompt`, `precompute`.
 
 A prompt built by `build_prompt` is a `BlendPrompt`: a vLLM `TokensPrompt`
 dict that also knows its chunk spans. vLLM 0.32 has no prompt field for

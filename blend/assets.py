@@ -64,7 +64,7 @@ QWEN25_05B = ModelAsset(
     probe=("The capital of France is", "Paris"),
 )
 
-# The largest real model the registries hold (issue 24): 28 layers, 12 query heads, 2 KV heads,
+# The largest real model the registries hold: 28 layers, 12 query heads, 2 KV heads,
 # head_dim 128, 32k context. Its 22 parts travel to the GPU machine as carry pieces
 # (tools/gpu/pack_model.sh), where this same code dequantizes the reassembled file.
 QWEN25_15B = ModelAsset(

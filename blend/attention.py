@@ -3,8 +3,8 @@
 `torch` is the plain-PyTorch reference path (SDPA with an explicit mask) used
 on CPU and as ground truth; `triton` runs the kernels in `blend.triton_kernels`;
 `flash` (opt-in) is `triton` with vLLM's FlashAttention 3 doing the unmasked
-bulk of the attention (`blend.triton_kernels.flash`). On the H200 it measured no
-faster than `triton` inside vLLM (bench/notes/ttft_vllm_gpu.md), so `auto`
+bulk of the attention (`blend.triton_kernels.flash`). Inside vLLM it was no
+faster than `triton` (bench/notes/ttft_vllm_gpu.md), so `auto`
 stays `triton` on CUDA. Every backend offers the same ops with the reference
 signatures, so the blender never branches on the backend.
 """

@@ -1,7 +1,7 @@
 """Chunk KV from the store's tiers into vLLM's paged cache, layer by layer, ahead of the blend.
 
 The load sits on TTFT's critical path, so it is designed rather than left to
-`.to(device)` (DESIGN.md §3, "How chunk KV reaches the GPU"):
+`.to(device)`:
 
 * tiers: a byte-bounded GPU tier (`blend.store.gpu_tier`, no copy at all), then the
   store's pinned host tier, then disk or UCM (`ChunkStore.fetch`);
@@ -181,8 +181,8 @@ class LayerLoad:
 def copy_groups(num_layers: int) -> list[tuple[int, int]]:
     """Layer ranges copied as one DMA per chunk: 1, 1, 2, 4, ... layers from both ends.
 
-    One copy per chunk and layer made 1,024 copy calls for 32 chunks of a 32-layer model
-    (~5-10 us of host time each, issued before layer 1's kernels). Small groups at the
+    One copy per chunk and layer costs host time per call, all of it issued before layer
+    1's kernels, and the calls grow with chunks x layers. Small groups at the
     start keep layer 0's wait short; small groups at the end keep a copy-bound blend (the
     cheap selection) from waiting for a large last group. 32 layers: 10 groups.
     """

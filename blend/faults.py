@@ -17,10 +17,10 @@ them and passes without them:
   at every layer but the last. The bug class: a wrong run or sequence length in
   the selected-token attention.
 
-Where a fault hits matters: measured offline (fp32, r=1.0), the first token of a
-chunk seeing one future token moved the first answer token's distribution by a KL
-of only 0.006-0.01, a mid-chunk token by 5e-7, below what bf16 rounding does on its
-own, so no check that tolerates bf16 can see those. These two faults are placed
+Where a fault hits matters: the first token of a chunk, or a mid-chunk token,
+seeing one future token moves the first answer token's distribution by less than
+bf16 rounding does on its own (offline fp32 figures in bench/notes/history.md), so
+no check that tolerates bf16 can see those. These two faults are placed
 where a bug does visible harm.
 
 Unset or empty: no fault, and the blend runs its normal code (one `None` check per

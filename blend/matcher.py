@@ -160,7 +160,7 @@ def _over(a: np.ndarray, bound: int, limit: int) -> np.ndarray:
 
 
 def _windows(a: np.ndarray, window: int) -> np.ndarray:
-    """Rows a[i:i+window] for every i, as a view (as_strided/sliding_window_view cost ~20 us)."""
+    """Rows a[i:i+window] for every i, as a view (cheaper than as_strided/sliding_window_view)."""
     n, st = max(len(a) - window + 1, 0), a.strides[0]
     return np.ndarray((n, window), a.dtype, buffer=a, strides=(st, st))  # a: contiguous
 
@@ -170,8 +170,8 @@ class _Level:
 
     `he`, `c`, `o`: every anchor's hash, chunk id and offset, sorted by hash; `h`: the distinct
     hashes, whose anchors are `gs[g]:gs[g+1]`. `starts[b]`: the first distinct hash with top
-    bits b, so a lookup is two gathers, not a binary search (~0.3 ms for 3k prompt windows
-    against 62k anchors), and a boilerplate hash is one group, skipped without expanding it.
+    bits b, so a lookup is two gathers, not a binary search, and a boilerplate hash is one
+    group, skipped without expanding it.
     """
 
     __slots__ = ("he", "c", "o", "h", "gs", "shift", "starts")
@@ -219,8 +219,8 @@ class ChunkIndex:
     Thread-safe: `add`/`remove` (e.g. the saver thread) and `find` (the scheduler) take one
     lock. `add` only hashes the chunk and appends to a pending list; the next `find` (or
     `flush`) sorts pending anchors into a small level, which merges into the main level
-    once it exceeds an eighth of it: a flush after one add re-sorts <= 1/8 of the anchors
-    (~0.1 ms at 2,000 chunks), a merge ~1.2 ms once per ~250 adds.
+    once it exceeds an eighth of it: a flush after one add re-sorts <= 1/8 of the anchors,
+    and the costlier merge runs only once per many adds.
     """
 
     def __init__(self, window: int = 32, min_match: int = 64, max_dups: int = 16) -> None:
@@ -368,7 +368,7 @@ class ChunkIndex:
         slot = self._scratch[len(p) : len(p) + len(hp)].view(np.int64)  # free once hashed
         np.right_shift(hp, self._shift, out=slot.view(_U64))
         mask = self._mask[: len(hp)]
-        np.take(self._table, slot, out=mask)  # intp indices: 3x faster than uint64 ones
+        np.take(self._table, slot, out=mask)  # intp indices: numpy's fast path (uint64 ones are not)
         pos = np.flatnonzero(mask)
         if not len(pos):
             return _EMPTY_I, _EMPTY_I, _EMPTY_I

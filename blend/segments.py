@@ -164,8 +164,8 @@ def _join(parts: list[bytes]) -> tuple[bytes, list[int], list[int]]:
 
 class TokenBytes:
     """Each vocabulary id's bytes, decoded once: a prompt's bytes are then one lookup per
-    token (the scheduler splits every request's prompt; per-token tokenizer calls cost
-    ~5 ms per 4k tokens)."""
+    token (the scheduler splits every request's prompt; per-token tokenizer calls add
+    up to milliseconds on a long prompt)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer

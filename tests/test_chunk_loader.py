@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 import torch
-from test_rope_exact import ROPES, tiny_llama
+from test_chunk_kv import ROPES, tiny_llama
 
 from blend.blender import Blender, BlendSeq
 from blend.chunk_kv import compute_chunk_kv

@@ -99,7 +99,7 @@ def test_window_hash_is_the_polynomial_and_position_free(rng):
     assert len(window_hashes(ids[:7], w)) == 0
 
 
-# ---- the cases of issue 22 ------------------------------------------------------------------
+# ---- chunks inside real prompts: any order, partial, between noise -------------------------
 def test_chunks_found_in_any_order_between_noise(rng, five):
     ix = index_of(five)
     order = [3, 0, 4, 2, 1]

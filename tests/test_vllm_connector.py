@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-# fp32, like the engine issue's exactness and KL targets. In bf16 even plain vLLM's
+# fp32, like the exactness and KL targets below. In bf16 even plain vLLM's
 # output depends on how its scheduler groups a prompt into steps: its CPU attention
 # kernel gives last-bit different rows for one 900-token step than for 512 + 388
 # (measured), and greedy decoding flips on such near-ties.
@@ -31,7 +31,7 @@ ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096,
 SEP = "\n###\n"
 GEN = 32
 EXACT_LOGPROBS = 20  # top-k rows for the master check (blend/exactness.py)
-KL_TARGET = 0.036  # engine issue: plain CacheBlend at r=0.15 on SmolLM2 (its own prompt set)
+KL_TARGET = 0.036  # reuse quality asked of plain CacheBlend at r=0.15 on SmolLM2
 TUNED = {"recomp_ratio": 0.15, "check_layers": [1, 8], "recomp_ratios": [0.5, 0.15],
          "deviation": "k_l2"}  # docs/tuning.md
 
@@ -366,8 +366,8 @@ def test_b_reuse_other_order_and_position(llm, cases, reference, smollm2_fp32, t
     """Chunks stored by one request serve a later one in another order at other positions.
 
     Quality: the question-token KL to plain vLLM must be as good as the engine's own
-    offline blend on the same prompts (within 10%), and is printed next to the
-    engine issue's target.
+    offline blend on the same prompts (within 10%), and is printed next to
+    `KL_TARGET`.
     """
     import blend
 
@@ -385,10 +385,10 @@ def test_b_reuse_other_order_and_position(llm, cases, reference, smollm2_fp32, t
     mean_off = sum(offline) / len(offline)
     print(f"reuse KL at r=0.15: vLLM connector {[round(k, 4) for k in kls]} mean {mean_kl:.4f}; "
           f"offline engine {[round(k, 4) for k in offline]} mean {mean_off:.4f}; "
-          f"engine-issue target {KL_TARGET}")
+          f"target {KL_TARGET}")
     assert mean_kl <= max(KL_TARGET, 1.1 * mean_off), (kls, offline)
     # The tuning guide's setting, same final ratio, per request through the connector:
-    # it meets the engine issue's target outright (offline on these prompts: ~0.012).
+    # it meets `KL_TARGET` outright.
     tuned = [blend.BlendPrompt(ids, spans, cache_fuse_metadata=TUNED) for ids, spans in cases["reuse"]]
     outs = llm.generate(tuned, _kl_params(), use_tqdm=False)
     kls_t = [_kl(ref["question_logprobs"], _question_logprobs(o, spans[-1][1]))

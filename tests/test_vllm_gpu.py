@@ -254,12 +254,11 @@ def test_a_exact_at_ratio_one(llm, cases, reference):
     differently (the blend's kernels vs vLLM's; vLLM against itself across batch
     compositions) can flip a top-two gap of up to two steps plus rounding (0.3 nats), and
     after such a flip the texts differ. Per-token logprob limits over the few tokens before
-    a flip failed on exactly that (H200: prompt 1 left plain vLLM after 2 tokens, mean
-    |d logprob| 0.068 > 0.05) while the 24-prompt KL was 0.003. The mean KL over prompts
-    averages the rounding out: 0.01 is a typical per-logit disagreement of 0.14 nats
-    (KL ~ 1/2 Var(d logit)), 3x the H200's r=1.0 figure (0.003). The price: a bug that
-    moves the answer less than bf16 rounding does is invisible in bf16 (one wrong mask
-    on the attention sink: KL 0.006-0.01 in fp32). tests/test_verify_model.py shows, on
+    a flip failed on exactly that, while the KL over prompts stayed small
+    (bench/notes/history.md). The mean KL over prompts averages the rounding out: 0.01 is
+    a typical per-logit disagreement of 0.14 nats (KL ~ 1/2 Var(d logit)). The price: a
+    bug that moves the answer less than bf16 rounding does is invisible in bf16 (one wrong
+    mask on the attention sink is such a bug). tests/test_verify_model.py shows, on
     vLLM CPU fp32, that the criterion fails with one chunk's RoPE off by one and with one
     recomputed token's causal mask wrong.
     """

@@ -47,8 +47,8 @@ class BlendRequest:
     req_id: str
     # Prompt tokens up to the last chunk's end (chunks may pass context_end); the whole
     # prompt when the selection reads the question (query, hybrid, cheap). An int64 array
-    # from the scheduler (a list of 32k ints cost ~2 ms to pickle and ~7 ms to turn into a
-    # tensor); lists are accepted too.
+    # from the scheduler (a long list of ints is slow to pickle and to turn into a tensor);
+    # lists are accepted too.
     token_ids: np.ndarray | list[int]
     chunks: list[ChunkRef]
     num_local: int

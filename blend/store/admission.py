@@ -5,8 +5,8 @@ model) and, worse, a place in a memory tier that holds only a few hundred: in
 a RAG stream most documents are seen once, and saving each of them flushes the
 chunks that recur (LMCache#4663). `second_sight` is TinyLFU's doorkeeper: the
 first miss of a chunk is only remembered, the second one saves it. What it
-remembers is bounded (an LRU set of key hashes, 123 bytes each, so the default
-65,536 keys cost about 8 MB) and ages by itself: a key not seen again within
+remembers is bounded (an LRU set of key hashes: the default 65,536 keys cost
+several MB) and ages by itself: a key not seen again within
 the last `remember` first sightings is forgotten and starts over.
 
 The scheduler calls `admit(key)` once per sighting of a missed chunk and saves
@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 
 ADMIT = ("always", "second_sight")
-DEFAULT_REMEMBER = 65536  # keys; ~8 MB (measured with tracemalloc: 123 B per key)
+DEFAULT_REMEMBER = 65536  # keys; several MB (a key hash and its LRU links each)
 
 
 class Admission:
@@ -97,7 +97,7 @@ def remember_for(capacity_bytes: int, chunk_bytes: int, times: float = 2.0) -> i
     A chunk that recurs only after more distinct misses than the tier holds would be
     evicted before its reuse, so remembering it only costs a write; in
     `bench/store_policy.py` a bound of 2x the tier's chunks hit as often as an
-    unbounded one (0.732 against 0.728) and wrote 2.6x less. Clamped to
+    unbounded one and wrote less. Clamped to
     [16, DEFAULT_REMEMBER].
     """
     n = int(times * capacity_bytes / max(1, chunk_bytes))

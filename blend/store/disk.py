@@ -60,7 +60,7 @@ class DiskTier:
         return self.root / key[:2] / (key + SUFFIX)
 
     def _p(self, key: str) -> str:
-        """Hot-path string form of `path` (pathlib costs ~10 us a key)."""
+        """Hot-path string form of `path` (pathlib is slow for one call per key)."""
         return f"{self._rs}/{key[:2]}/{key}{SUFFIX}"
 
     def contains(self, key: str) -> bool:

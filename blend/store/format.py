@@ -10,7 +10,7 @@ Layout (little-endian):
           one crc32 per payload segment (n_segs x u32), header crc32 (u32),
           zero padding to a multiple of 64 bytes; then the payload.
 Per-segment crc32 (not one crc over everything) lets two threads verify halves
-of a large payload at once: zlib.crc32 alone runs at ~2 GB/s on one core here.
+of a large payload at once: zlib.crc32 on one core is slower than the disk's page cache.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 def alloc(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
     """A fresh CPU tensor. Large ones come from an anonymous mapping advised to use
-    transparent huge pages: first-touch faults on 4 KiB pages cap a fresh 64 MiB
-    buffer at ~0.8 GB/s here, huge pages at ~2.8 GB/s."""
+    transparent huge pages: first-touch faults on 4 KiB pages cap how fast a fresh
+    large buffer fills; huge pages fault a few times less often per byte."""
     if pin:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

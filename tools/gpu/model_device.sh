@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Qwen2.5-Coder-1.5B-Instruct on the GPU machine (issue 24). Run ON the device from the repo
+# Qwen2.5-Coder-1.5B-Instruct on the GPU machine. Run ON the device from the repo
 # root, after `tools/gpu/device.sh ... install` (it needs gguf + transformers from /tmp/site):
 #
 #   bash tools/gpu/model_device.sh stash      # carried .gpu_model/pK pieces -> /root/gmodel;

