@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blend.attention import BlendOps, get_ops
 from blend.config import BlendConfig
 from blend.faults import active as active_fault
 from blend.faults import fault_rows
 from blend.kv import slots_for
 from blend.models.base import ModelAdapter
+from blend.ops import BlendOps, get_ops
 from blend.run_plan import RunPlan, plan_run
 from blend.selection import combine, per_token, query_mass
-from blend.triton_kernels._paged import to_device
+from blend.triton_kernels.paged import to_device
 
 
 @dataclass

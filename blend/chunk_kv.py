@@ -1,4 +1,4 @@
-"""Chunk KV: each chunk computed alone from position 0, and placed anywhere later.
+"""Chunk KV: each chunk computed alone from position 0 (placing it: `chunk_placement.py`).
 
 The stored value is `[num_layers, 2, n, Hkv, D]`: K (after RoPE at positions
 0..n-1) and V of the chunk computed with nothing before it, which is how
@@ -9,23 +9,13 @@ rotation by d (see `triton_kernels/rope.py`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
 from blend.blender import Blender, BlendSeq
 from blend.kv import PagedKV, slots_for
-from blend.triton_kernels._paged import to_device
-
-
-@dataclass
-class Placement:
-    """One chunk's KV going to `slots` of a sequence, moved by `delta` positions."""
-
-    kv: torch.Tensor  # [L, 2, n, Hkv, D]
-    slots: torch.Tensor  # [n] int64 on the cache's device
-    delta: int
+from blend.triton_kernels.paged import to_device
 
 
 @torch.inference_mode()
@@ -47,25 +37,3 @@ def read_kv(kv, slots: torch.Tensor) -> torch.Tensor:
     blk, off = slots // bs, slots % bs
     layers = [torch.stack((k[blk, off], v[blk, off])) for k, v in (kv.layer(i) for i in range(len(kv.k)))]
     return torch.stack(layers)
-
-
-def _layer_load(blender: Blender, kv, placements: Sequence[Placement]):
-    from blend.chunk_loader import LayerLoad, Piece, source_for
-
-    dev = torch.device(blender.adapter.device)
-    pieces = [Piece(source_for("", p.kv, dev, None, False)[0], 0, int(p.kv.shape[2]), p.slots,
-                    p.delta) for p in placements]
-    return LayerLoad(blender, kv, pieces)
-
-
-def load_all(blender: Blender, kv, placements: Sequence[Placement]) -> None:
-    """Place every layer of every chunk now (a reuse run that computes no context)."""
-    load = _layer_load(blender, kv, placements)
-    for layer in range(blender.adapter.num_layers):
-        load.hook(layer)
-
-
-def layer_loader(blender: Blender, kv, placements: Sequence[Placement]) -> Callable[[int], None]:
-    """A `layer_hook` that places each layer's chunk KV just before the blend reads it
-    (`blend.chunk_loader.LayerLoad`: the connector's loader, with device-resident chunks)."""
-    return _layer_load(blender, kv, placements).hook

@@ -30,7 +30,7 @@ import torch
 
 from blend.log import get_logger
 from blend.store.gpu_tier import DeviceTier
-from blend.triton_kernels._paged import to_device
+from blend.triton_kernels.paged import to_device
 
 log = get_logger("Connector")
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 
 from blend.blender import Blender, BlendSeq, BlendTrace
-from blend.chunk_kv import Placement, compute_chunk_kv, layer_loader, load_all
+from blend.chunk_kv import compute_chunk_kv
+from blend.chunk_placement import ChunkPlacement, layer_loader, load_all
 from blend.config import BlendConfig
 from blend.keys import chunk_key, model_fingerprint
 from blend.kv import PagedKV, slots_for
@@ -128,7 +129,7 @@ class HFBlender:
                     continue
                 slots = slots_for(row.to(dev), torch.arange(start, start + len(seg), device=dev),
                                   kv.block_size)
-                placements.append(Placement(kv_i, slots, start))
+                placements.append(ChunkPlacement(kv_i, slots, start))
                 if cfg.sink_tokens and i > 0:
                     forced[start:start + min(cfg.sink_tokens, len(seg))] = True
             trace.timings_ms["lookup"] = (time.perf_counter() - t0) * 1e3

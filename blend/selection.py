@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from blend.triton_kernels._paged import gather_tokens
+from blend.triton_kernels.paged import gather_tokens
 
 
 def query_mass(

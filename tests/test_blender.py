@@ -116,7 +116,7 @@ def test_dense_attention_only_where_promised(smollm2_fp32, chunks, hb, meta):
     # every such call, and that routing through it changes nothing.
     from dataclasses import replace
 
-    from blend.attention import get_ops
+    from blend.ops import get_ops
 
     ref = get_ops("torch")
     calls = []

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from blend.blender import Blender
-from blend.chunk_kv import Placement, compute_chunk_kv, load_all
+from blend.chunk_kv import compute_chunk_kv
+from blend.chunk_placement import ChunkPlacement, load_all
 from blend.kv import PagedKV, slots_for
 from blend.models import adapter_for
 from blend.models.base import UnsupportedModelError
@@ -52,7 +53,7 @@ def test_rerotated_k_matches_k_at_offset(kind, offset):
     kv = PagedKV.like(a, offset + len(ids), block_size=4)
     row = kv.allocate(offset + len(ids))
     slots = slots_for(row, torch.arange(offset, offset + len(ids)), kv.block_size)
-    load_all(blender, kv, [Placement(chunk, slots, offset)])
+    load_all(blender, kv, [ChunkPlacement(chunk, slots, offset)])
     k_cache, v_cache = kv.layer(0)
     got = k_cache[slots // 4, slots % 4]
     want = _k_at(blender, ids, offset)
@@ -74,6 +75,6 @@ def test_real_model_rerotation(smollm2_fp32):
     kv = PagedKV.like(blender.adapter, 700)
     row = kv.allocate(700)
     slots = slots_for(row, torch.arange(650, 690), kv.block_size)
-    load_all(blender, kv, [Placement(chunk, slots, 650)])
+    load_all(blender, kv, [ChunkPlacement(chunk, slots, 650)])
     got = kv.layer(0)[0][slots // 16, slots % 16]
     torch.testing.assert_close(got, _k_at(blender, ids, 650), rtol=1e-4, atol=2e-4)

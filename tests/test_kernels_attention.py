@@ -198,7 +198,7 @@ def test_gpu_flash_dense_tail_and_whole():
 
 def test_flash_backend_without_fa3_runs_the_kernel():
     # Where vLLM's FA3 is absent (here, the CPU), `flash` is the Triton path, same result.
-    from blend.attention import get_ops
+    from blend.ops import get_ops
     from blend.triton_kernels.flash import flash_varlen
 
     if flash_varlen() is not None:

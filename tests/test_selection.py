@@ -7,7 +7,7 @@ from blend_case import QUESTION, SYSTEM, kl
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from blend.blender import BlendSeq, BlendTrace
-from blend.chunk_kv import Placement, layer_loader
+from blend.chunk_placement import ChunkPlacement, layer_loader
 from blend.config import BlendConfig, BlendConfigError
 from blend.kv import PagedKV, slots_for
 
@@ -87,7 +87,7 @@ def _seq(hb, kv, chunks, question):
     row = kv.allocate(n)
     forced = torch.zeros(n, dtype=torch.bool)
     forced[: len(layout.prefix)] = True
-    placements = [Placement(hb.chunk_kv(ids), slots_for(row, torch.arange(s, e), kv.block_size), s)
+    placements = [ChunkPlacement(hb.chunk_kv(ids), slots_for(row, torch.arange(s, e), kv.block_size), s)
                   for (s, e), ids in zip(layout.spans, layout.chunks)]
     return BlendSeq(torch.tensor(layout.token_ids), 0, row, forced,
                     num_outputs=len(layout.suffix)), placements

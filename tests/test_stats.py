@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from blend.stats import COUNTERS, BlendStats, collect, load_gbps
+from blend.connector.stats import COUNTERS, BlendStats, collect, load_gbps
 
 
 def test_an_empty_payload_has_every_counter_at_zero():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blend.blender import BlendSeq, BlendTrace
-from blend.chunk_kv import Placement, layer_loader
+from blend.chunk_placement import ChunkPlacement, layer_loader
 from blend.config import BlendConfig
 from blend.kv import PagedKV, slots_for
 from blend.offline import HFBlender
@@ -60,7 +60,7 @@ def _blend_seq(hb, kv, system, chunks, question):
     placements = []
     for (s, e), ids in zip(layout.spans, layout.chunks):
         slots = slots_for(row, torch.arange(s, e), kv.block_size)
-        placements.append(Placement(hb.chunk_kv(ids), slots, s))
+        placements.append(ChunkPlacement(hb.chunk_kv(ids), slots, s))
     return BlendSeq(torch.tensor(layout.token_ids[:ctx]), 0, row, forced), placements
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._paged import INTERPRET, LOG2E, gather_tokens, to_device
+from .paged import INTERPRET, LOG2E, gather_tokens, to_device
 
 
 def selected_attention_ref(

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._paged import INTERPRET, split_slots, to_device
+from .paged import INTERPRET, split_slots, to_device
 
 METRICS = ("v_l2", "k_l2", "k_l1", "kv_l2")
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._paged import to_device
 from .attention import prefix_tiles, selected_attention, tile_tokens
+from .paged import to_device
 
 
 @functools.cache

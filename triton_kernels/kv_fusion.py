@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._paged import INTERPRET, split_slots
+from .paged import INTERPRET, split_slots
 
 
 def fuse_kv_ref(

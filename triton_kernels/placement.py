@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._paged import INTERPRET, split_slots, to_device
 from .kv_fusion import fuse_kv_ref
+from .paged import INTERPRET, split_slots, to_device
 from .rope import rerotate_k_ref, rotate_ref
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._paged import INTERPRET, split_slots
+from .paged import INTERPRET, split_slots
 
 
 def delta_cos_sin(inv_freq: torch.Tensor, max_delta: int) -> torch.Tensor:

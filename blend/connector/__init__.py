@@ -26,8 +26,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from blend.api import check_extra_config
 from blend.config import BlendConfig
+from blend.connector.extra_config import check_extra_config
 from blend.connector.guards import check_load_before_forward
 from blend.connector.metadata import BlendConnectorMetadata
 from blend.log import get_logger
@@ -147,20 +147,20 @@ class BlendConnector(KVConnectorBase_V1):
 
     # ================================================================ stats
     def get_kv_connector_stats(self) -> Any:
-        from blend.stats import collect
+        from blend.connector.stats import collect
 
         return collect(self._scheduler, self._worker)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
-        from blend.stats import BlendStats
+        from blend.connector.stats import BlendStats
 
         return BlendStats(data=dict(data or {}))
 
     @classmethod
     def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
                            per_engine_labelvalues: dict[int, list[object]]) -> Any:
-        from blend.stats import BlendPromMetrics
+        from blend.connector.stats import BlendPromMetrics
 
         return BlendPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 

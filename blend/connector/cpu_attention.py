@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from blend.attention import BlendOps, get_ops
+from blend.ops import BlendOps, get_ops
 
 
 def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:

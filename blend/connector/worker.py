@@ -202,7 +202,7 @@ class BlendWorker:
     def _warm_up(self) -> None:
         """One small blend on a scratch cache, so that the Triton kernels compile now and
         not inside the first request (seconds, seen as a multi-second TTFT outlier)."""
-        from blend.chunk_kv import Placement, compute_chunk_kv, layer_loader
+        from blend.chunk_placement import ChunkPlacement, layer_loader
         from blend.kv import PagedKV
 
         t0 = time.perf_counter()
@@ -215,7 +215,7 @@ class BlendWorker:
                      a.dtype, a.device)
         row = kv.allocate(2 * n + 8)
         dev = torch.device(a.device)
-        places = [Placement(c, torch.as_tensor(slots_for(row, torch.arange(s, s + n), bs),
+        places = [ChunkPlacement(c, torch.as_tensor(slots_for(row, torch.arange(s, s + n), bs),
                                                device=dev), s)
                   for c, s in zip(kvs, (4, 4 + n))]
         tokens = torch.cat([torch.tensor([1, 2, 3, 4]), *ids, torch.arange(20, 24)])
