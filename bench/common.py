@@ -9,15 +9,21 @@ share it by construction. Run the scripts as modules from the repo root
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from blend.assets import home
 from blend.prose import QUESTIONS, passages, topics
 
-__all__ = ["LLAMA3_8B", "QUESTIONS", "gbps", "home", "kl", "kv_chunk_shape", "median_s",
-           "passages", "rounded_median", "topic_words", "topics", "topk_kl"]
+__all__ = ["LLAMA3_8B", "QUESTIONS", "ROOT", "child_env", "gbps", "home", "kl", "kv_chunk_shape",
+           "median_s", "passages", "python_m", "rounded_median", "topic_words", "topics",
+           "topk_kl"]
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout; `bench/results` lies under it
 
 # Llama-3-8B's shape, for models made with random weights (speed does not depend on values).
 LLAMA3_8B: dict = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -73,3 +79,20 @@ def topk_kl(ref: Mapping[str, float], got: Mapping[str, float]) -> float:
     """
     floor = min(got.values())
     return sum(math.exp(lp) * (lp - got.get(t, floor)) for t, lp in ref.items())
+
+
+def python_m(module: str, *args: str) -> list[str]:
+    """argv that runs `module` in a child Python with `-P`: the checkout's `blend/` folder
+    (no `blend.patches` there) never stands in front of an installed `blend`. Start it with
+    `child_env()`, which is where the child finds `bench`."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with the checkout last on PYTHONPATH, for `python_m`."""
+    out = dict(os.environ if env is None else env)
+    parts = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(ROOT) not in parts:
+        parts.append(str(ROOT))
+    out["PYTHONPATH"] = os.pathsep.join(parts)
+    return out

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import child_env, python_m
+
 CONFIGS = {
     # UCM's own default cache_buffer_capacity_gb is 256 GiB of /dev/shm: on the 128 GiB H100
     # host it filled memory and was killed (and its left-over file starved later runs).
@@ -84,11 +86,11 @@ def child(root: str, ucm_config: dict, reps: int) -> None:
 def run(name: str, cfg: dict, deadline: float, reps: int) -> dict:
     root = tempfile.mkdtemp(prefix="ucm-gpu-")
     Path(root + "_2").mkdir()
-    cmd = [sys.executable, "-m", "bench.ucm_gpu", "--child", root, "--config", json.dumps(cfg),
-           "--reps", str(reps)]
+    cmd = python_m("bench.ucm_gpu", "--child", root, "--config", json.dumps(cfg),
+                   "--reps", str(reps))
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=Path(__file__).resolve().parents[1])  # the repo root: bench.*
+                         env=child_env())
     rec: dict = {"config": cfg, "phases": {}}
     t_done = None
     try:
