@@ -35,7 +35,7 @@ log tails, scrape series, `summary`) and serve_rag.png; `--merge A.json B.json` 
 several calls. `--budget-s` stops starting runs that would not fit (a device call is 10 min).
 
     python -m bench.serve_rag --smoke --out /tmp/serve_smoke              # CPU, a few minutes
-    python -P -m bench.serve_rag --servers plain --rates 2,4 --out $OUT   # GPU, one call
+    PYTHONPATH=$SITE:$PWD python -P -m bench.serve_rag --servers plain --rates 2,4 --out $OUT   # GPU, one call
 """
 
 from __future__ import annotations

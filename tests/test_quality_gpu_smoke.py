@@ -1,4 +1,4 @@
-"""The quality benchmark's CPU smoke mode (`bench/quality_gpu.py --smoke`), so the GPU run cannot rot.
+"""The quality benchmark's CPU smoke mode (`python -m bench.quality_gpu --smoke`), so the GPU run cannot rot.
 
 One vLLM engine with the connector on SmolLM2 (fp32, eager), both tasks, both splits, tiny n and
 short contexts (a few minutes on 2 cores). It measures nothing about quality at scale: it checks
@@ -19,14 +19,13 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 ROW_KEYS = {"f1", "em", "compute", "f1_minus_full", "ci95"}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, child_env, smollm2_path) -> dict:
     out, state = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("state")
-    cmd = [sys.executable, str(ROOT / "bench" / "quality_gpu.py"), "--smoke", "--out", str(out),
+    cmd = [sys.executable, "-m", "bench.quality_gpu", "--smoke", "--out", str(out),
            "--state", str(state), "--budget-s", "1500"]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True,
                           timeout=1800)
