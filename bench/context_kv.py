@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.common import kl
-from bench.quality import prose_prompts
+from blend.prose import prose_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

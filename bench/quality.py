@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import kl, topics
+from bench.common import kl
 from bench.squad import em_f1, load_squad_dev
+from blend.prose import prose_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM = "You are a helpful assistant. Answer the question using only the documents below."
@@ -29,21 +30,6 @@ RATIOS = (0.05, 0.1, 0.15, 0.3, 1.0)
 
 
 # --- data --------------------------------------------------------------------------------------
-def prose_prompts(n: int, seed: int = 0) -> list[tuple[list[str], str]]:
-    """n prompts of 4 passages (~120 words each) from Python's language reference + a question."""
-    t = topics()
-    names = sorted(k for k, v in t.items() if len(v.split()) > 150)
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        pick = rng.sample(names, 4)
-        passages = [" ".join(t[k].split()[:120]) for k in pick]
-        target = rng.randrange(4)
-        q = f"What does the document about '{pick[target]}' explain? Summarize it in two sentences."
-        out.append((passages, q))
-    return out
-
-
 def squad_items(n: int, seed: int = 0) -> list[tuple[list[str], str, list[str]]]:
     """n SQuAD v1.1 dev questions: gold paragraph + 3 distractors from its article, shuffled."""
     data = load_squad_dev()
