@@ -328,7 +328,8 @@ def run_batch(llm, tok, items: list[dict], meta: dict | None, num_layers: int,
             comp = tr["token_layers"] / (tr["blended_tokens"] * num_layers)
         else:
             comp = 1.0  # not blended (chunks missing): vLLM prefilled it
-        res[it["id"]] = {"pred": pred, "em": em, "f1": f1, "compute": round(comp, 5),
+        res[it["id"]] = {"pred": pred, "gold": it["answers"], "em": em, "f1": f1,
+                         "compute": round(comp, 5),
                          "blended": tr is not None,
                          "hit": round(rep.get("chunk_hit_tokens", 0) / max(1, rep.get(
                              "chunk_tokens", 0)), 4) if rep else None,
@@ -476,6 +477,7 @@ def summarize(state: State, tasks: list[str], prof: dict) -> dict:
                     "f1_ci95": bootstrap(f1),
                     "blended": round(sum(doc["q"][q]["blended"] for q in ids) / len(ids), 4),
                     "cache_fuse_metadata": doc.get("meta"),
+                    "per_question": str(state.path(task, split, r)),
                 }
                 if doc.get("hybrid_choice"):
                     entry["rows"][r]["chosen_on_tune"] = doc["hybrid_choice"]
@@ -583,7 +585,8 @@ def main() -> None:
     pending = {k: v["pending"] for k, v in summary.items() if v["pending"]}
     doc = {"model": model_name, "tasks": summary, "targets_met": targets(summary),
            "targets": TARGETS, "complete": not pending, "pending": pending,
-           "profile": prof, "seed": args.seed, "state": str(state.dir), "call": info,
+           "profile": prof, "hybrids": {h: HYBRIDS[h] for h in prof["hybrids"]},
+           "seed": args.seed, "state": str(state.dir), "call": info,
            "engine": "vLLM defaults + BlendConnector (store: local, unmarked: none, trace_dir)"
                      + (" [smoke: fp32, enforce_eager]" if args.smoke else ""),
            "definitions": {
@@ -591,7 +594,12 @@ def main() -> None:
                           "from the connector's per-request trace; full prefill 1.0",
                "ci95": "paired bootstrap (2000 resamples of questions) 95% interval of "
                        "F1(row) - F1(full), in F1 points; f1_ci95: the row's own F1",
-               "split": "heldout rows are reported; TASK@tune rows chose the hybrid"}}
+               "split": "heldout rows are reported; TASK@tune rows chose the hybrid",
+               "hybrids": "the hybrid candidates run on tune, by row name: their "
+                          "cache_fuse_metadata; the heldout `hybrid` row is the one chosen",
+               "per_question": "the row's answers, a JSON file: {\"q\": {ID: {\"pred\", "
+                               "\"gold\", \"em\", \"f1\", \"compute\", ...}}}; a squad ID "
+                               "is the SQuAD v1.1 dev question id"}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_gpu.json").write_text(json.dumps(doc, indent=1))
