@@ -3,7 +3,7 @@ run cannot rot.
 
 One vLLM engine with the connector on SmolLM2 (fp32, eager), both tasks, both splits, tiny n
 and short contexts (a few minutes on 2 cores). It measures nothing about quality at scale: it
-checks the issue-24 JSON shape, that the hybrid row was chosen on the tune split, that compute
+checks the results' JSON shape, that the hybrid row was chosen on the tune split, that compute
 is what the connector measured (ordered as the settings are), and, from the per-question
 answers the JSON points to, that full prefill's F1 is the official SQuAD F1 of its own answers
 against the dev set's gold answers. The bench runs as a child; the test reads its output only.
