@@ -45,7 +45,9 @@ def _verify(model: str, env: dict, fault: str | None, prompts: int) -> tuple[int
 
 
 def _kl(out: str) -> float:
-    return float(re.search(r"mean first-token KL (\S+)", out).group(1))
+    """The verdict line's KL (the tolerance line before it names the limit, not a figure)."""
+    return float(re.search(r"^(?:PASS|FAIL): .*?mean first-token KL ([-+.\deE]+)", out,
+                           re.M).group(1))
 
 
 def test_verify_model_passes(smollm2_path, child_env):
