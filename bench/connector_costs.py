@@ -16,7 +16,7 @@ The model has Llama-3-8B's layer count (32) but a tiny KV (1 head of dim 8), so 
 tensors are cheap to hold: the timed code does not depend on the KV's size. The store is a
 dict (the fetch path's own cost is the store's, not the connector's).
 
-    python bench/connector_costs.py --before REV [--rounds 3] [--reps 7]
+    python -m bench.connector_costs --before REV [--rounds 3] [--reps 7]
         # REV (e.g. the commit before a change) and this checkout, alternating, one JSON
 """
 
@@ -205,6 +205,9 @@ def main() -> None:
     ap.add_argument("--selection", default="deviation")
     ap.add_argument("--out", default=str(RESULTS / "connector_costs.json"))
     a = ap.parse_args()
+    # Not at the top: bench.common imports `blend`, which a child must import from its tree.
+    from bench.common import child_env, python_m
+
     here = str(Path(__file__).resolve().parents[1])
     trees = {"after": here}
     tmp = None
@@ -222,9 +225,9 @@ def main() -> None:
         got: dict[str, list[dict]] = {k: [] for k in trees}
         for _ in range(a.rounds):
             for label, tree in trees.items():
-                r = subprocess.run([sys.executable, __file__, "--child", tree, str(chunks),
-                                    str(context), str(a.reps), a.selection],
-                                   check=True, capture_output=True, text=True)
+                r = subprocess.run(python_m("bench.connector_costs", "--child", tree,
+                                            str(chunks), str(context), str(a.reps), a.selection),
+                                   check=True, capture_output=True, text=True, env=child_env())
                 got[label].append(json.loads(r.stdout.strip().splitlines()[-1]))
         row: dict[str, Any] = {"chunks": chunks, "context": context}
         for label, runs in got.items():

@@ -9,7 +9,7 @@ KL(full || x) over the question tokens and top-1 agreement against the target's 
 prefill, for full reuse (r=0) and blend (r=0.15), on held-out prose (seed 1; the
 selection policies were tuned on seed 0).
 
-Usage: python bench/context_kv.py [--n 20] [--model SmolLM2-135M-Instruct]
+Usage: python -m bench.context_kv [--n 20] [--model SmolLM2-135M-Instruct]
 Writes bench/results/context_kv.json.
 """
 
@@ -19,13 +19,14 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
+from bench.common import kl
+from blend.prose import prose_prompts
+
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parent.parent))  # `python bench/context_kv.py` imports bench.*
 
 SYSTEM_SRC = "You are a careful assistant. Read the documents."
 SYSTEM_DST = "You are a helpful assistant. Answer the question using only the documents below."
@@ -49,7 +50,6 @@ def context_kv(hb, res, i: int) -> torch.Tensor:
 
 
 def run(hb, n: int, seed: int) -> dict:
-    from bench.quality import kl, prose_prompts
     from blend.keys import chunk_key
 
     rng = random.Random(seed)

@@ -16,10 +16,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     tests/test_kernels_rope.py tests/test_kernels_fusion.py 2>&1 | tee "$OUT/kernels_gpu_tests.txt" | tail -5
 fi
 if [ -z "${SKIP_KERNELS:-}" ]; then
-  python3 bench/kernels.py --out "$OUT/kernels.json" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels_bench.txt"
+  python3 -m bench.kernels --out "$OUT/kernels.json" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels_bench.txt"
 fi
 if [ -z "${SKIP_TTFT:-}" ]; then
   mkdir -p /tmp/prof
-  python3 bench/ttft_gpu.py --out "$OUT/ttft_gpu.json" --profile-dir /tmp/prof ${TTFT_ARGS:-} 2>&1 | tee "$OUT/ttft_bench.txt"
+  python3 -m bench.ttft_gpu --out "$OUT/ttft_gpu.json" --profile-dir /tmp/prof ${TTFT_ARGS:-} 2>&1 | tee "$OUT/ttft_bench.txt"
   for f in /tmp/prof/*.txt; do echo "=== $f"; cat "$f"; done > "$OUT/ttft_profiles.txt" 2>/dev/null
 fi

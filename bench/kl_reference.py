@@ -18,7 +18,7 @@ ISA choice (`torch.cpu._is_amx_tile_supported`, through a `sitecustomize` on PYT
 that vLLM's spawned engine processes get it too), which gives the strided 'vec' layout:
 the same attention, another kernel.
 
-    python bench/kl_reference.py [--out bench/results/kl_reference.json]
+    python -m bench.kl_reference [--out bench/results/kl_reference.json]
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from bench.common import QUESTIONS, ROOT, passages, topk_kl
 
 N_PROMPTS = 12
 LOGPROBS = 20
@@ -44,11 +42,9 @@ SYS_REUSE = "Answer briefly, using only the documents below."
 
 def cases(tok) -> dict:
     """Reuse prompts: each stored by a source prompt (chunks 0..3), reused as 2,0,3,1."""
-    from test_vllm_connector import QUESTIONS, _passages
-
     from blend.api import build_prompt
 
-    P = _passages(4 * N_PROMPTS)
+    P = passages(4 * N_PROMPTS, 700)
     out = {"reuse_src": [], "reuse": []}
     for i in range(N_PROMPTS):
         c = P[4 * i: 4 * i + 4]
@@ -67,9 +63,7 @@ def first_token_row(out) -> dict[str, float]:
 
 
 def kl_rows(ref: list[dict], got: list[dict]) -> list[float]:
-    from test_vllm_connector import _kl
-
-    return [_kl([r], [g]) for r, g in zip(ref, got)]
+    return [topk_kl(r, g) for r, g in zip(ref, got)]
 
 
 def dumps(res: dict) -> str:

@@ -1,6 +1,6 @@
 """Content matcher cost: `ChunkIndex.find` on 32k-token prompts, one core (issue 22: <= 2 ms).
 
-    python bench/matcher.py [--reps 300] [--out bench/results/matcher.json]
+    python -m bench.matcher [--reps 300] [--out bench/results/matcher.json]
 
 An index of 2,000 stored chunks of ~1,000 random token ids (62k anchors); prompts of ~32k
 tokens made of 32 of them (as ids, and as the Python list vLLM holds; also with each chunk's
@@ -18,15 +18,14 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXP
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from blend.matcher import ChunkIndex, as_ids  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 VOCAB = 49152
 TARGET_MS = 2.0
@@ -144,7 +143,7 @@ def cpu_model() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--out", default=str(REPO / "bench/results/matcher.json"))
+    ap.add_argument("--out", default=str(RESULTS / "matcher.json"))
     args = ap.parse_args()
     load0 = os.getloadavg()
     res = run(args.reps)

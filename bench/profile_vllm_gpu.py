@@ -9,7 +9,7 @@ kernel launches, the CPU time inside the connector's `cacheblend.*` ranges, and 
 and CPU ops. A blend whose kernel time is far below its wall time, with thousands of launches,
 is launch-bound. `--trace` also writes a gzipped Chrome trace.
 
-    python bench/profile_vllm_gpu.py --context 8192 [--chunks 8] [--tier host|gpu] [--out DIR]
+    python -m bench.profile_vllm_gpu --context 8192 [--chunks 8] [--tier host|gpu] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, str(Path(__file__).parent))  # ttft_vllm_gpu, also under `python -P`
 
 
 def _summary(prof, wall_ms: list[float]) -> dict:
@@ -77,10 +75,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
-    from ttft_vllm_gpu import Prompts, ensure_model
     from vllm import LLM, SamplingParams
 
     import blend
+    from bench.ttft_vllm_gpu import Prompts, ensure_model
     from blend.assets import model_path
 
     model = Path(args.model) if args.model else ensure_model(model_path())

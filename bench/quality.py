@@ -6,7 +6,7 @@ reuse and blend at several ratios. Qwen2.5-Coder-0.5B on SQuAD multi-document
 QA (gold paragraph + 3 distractors from the same article): EM and F1.
 
 Writes bench/results/quality.json and bench/results/quality.png.
-Usage: python bench/quality.py [--only prose|squad] [--n N] [--variants]
+Usage: python -m bench.quality [--only prose|squad] [--n N] [--variants]
 """
 
 from __future__ import annotations
@@ -14,42 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
-import string
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
+from bench.common import kl
+from bench.squad import em_f1, load_squad_dev
+from blend.prose import prose_prompts
+
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parent.parent))  # `python bench/quality.py` can import bench.*
 SYSTEM = "You are a helpful assistant. Answer the question using only the documents below."
 RATIOS = (0.05, 0.1, 0.15, 0.3, 1.0)
 
 
 # --- data --------------------------------------------------------------------------------------
-def prose_prompts(n: int, seed: int = 0) -> list[tuple[list[str], str]]:
-    """n prompts of 4 passages (~120 words each) from Python's language reference + a question."""
-    from pydoc_data.topics import topics
-
-    names = sorted(k for k, v in topics.items() if len(v.split()) > 150)
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        pick = rng.sample(names, 4)
-        passages = [" ".join(topics[k].split()[:120]) for k in pick]
-        target = rng.randrange(4)
-        q = f"What does the document about '{pick[target]}' explain? Summarize it in two sentences."
-        out.append((passages, q))
-    return out
-
-
 def squad_items(n: int, seed: int = 0) -> list[tuple[list[str], str, list[str]]]:
     """n SQuAD v1.1 dev questions: gold paragraph + 3 distractors from its article, shuffled."""
-    from bench.squad import load_squad_dev
-
     data = load_squad_dev()
     rng = random.Random(seed)
     arts = [a for a in data["data"] if len(a["paragraphs"]) >= 4]
@@ -67,33 +49,6 @@ def squad_items(n: int, seed: int = 0) -> list[tuple[list[str], str, list[str]]]
 
 
 # --- metrics -----------------------------------------------------------------------------------
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def _norm(s: str) -> str:
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def em_f1(pred: str, golds: list[str]) -> tuple[float, float]:
-    """SQuAD v1.1 exact match and token F1 (max over gold answers)."""
-    best_em, best_f1 = 0.0, 0.0
-    p = _norm(pred).split()
-    for g in golds:
-        gt = _norm(g).split()
-        best_em = max(best_em, float(p == gt))
-        common = Counter(p) & Counter(gt)
-        same = sum(common.values())
-        if same:
-            prec, rec = same / len(p), same / len(gt)
-            best_f1 = max(best_f1, 2 * prec * rec / (prec + rec))
-    return best_em, best_f1
-
-
 def prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -139,9 +94,9 @@ VARIANTS = {
     "gradual [1,8] .5/.15 kv_l2": {**K8, "deviation": "kv_l2"},
     "gradual [1,8,16] .5/.25/.15": {"check_layers": [1, 8, 16], "recomp_ratios": [0.5, 0.25, 0.15]},
 }
-PLAIN = "plain CacheBlend@0.15 (bench/plain_cacheblend.py)"
 # Selection policies (issue 13), each beside the default (deviation, check layer 1, r=0.15)
-# and plain CacheBlend on the same prompts; `compute` is measured (BlendTrace.token_layers).
+# on the same prompts; `compute` is measured (BlendTrace.token_layers). That the default is
+# plain CacheBlend is a test (tests/test_blend_vs_plain.py against tests/reference/).
 HYB = {"selection": "hybrid", "query_weight": 0.5}
 SELECTION = {
     "default: deviation [1] .15": {},
@@ -184,8 +139,6 @@ def compute_fraction(meta: dict | None, num_layers: int) -> float:
 def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bool = False,
               shard: tuple[int, int] = (0, 1), selection: bool = False, seed: int = 0,
               only: tuple[str, ...] = ()) -> dict:
-    from bench.plain_cacheblend import plain_blend
-
     prompts = prose_prompts(n, seed)[shard[0]::shard[1]]
     layers = hb.model.config.num_hidden_layers
     acc: dict[str, dict[str, list[float]]] = {}
@@ -224,10 +177,6 @@ def run_prose(hb, n: int, ratios, base: dict, gen_tokens: int = 32, variants: bo
                 gen = hb.decode(res, gen_tokens)
                 m.setdefault("gen_exact", []).append(float(gen == full_gen))
                 m.setdefault("gen_prefix", []).append(prefix_len(gen, full_gen))
-        if variants or selection:  # the default selection by the independent dense code
-            lay = full.layout
-            logits, sel = plain_blend(hb.model, lay.prefix, lay.chunks, lay.suffix, (0.15,), (1,))
-            record(PLAIN, logits, full, sel.numel(), {"recomp_ratio": 0.15})
         print(f"  prose {i + 1}/{len(prompts)}: ctx {full.layout.context_len} tok, "
               f"q {len(full.layout.suffix)} tok", file=sys.stderr)
     return summarize(acc, gen_tokens)

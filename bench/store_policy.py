@@ -1,7 +1,7 @@
 """Which chunks stay hot under churn: eviction policy x save admission, by trace simulation.
 
-    python bench/store_policy.py              # 5 seeds, every scenario (~5 min on 2 cores)
-    python bench/store_policy.py --seeds 1    # quicker
+    python -m bench.store_policy            # 5 seeds, every scenario (~5 min on 2 cores)
+    python -m bench.store_policy --seeds 1    # quicker
 
 Runs the real `MemoryTier` and `Admission` classes over a synthetic RAG stream
 (no engine, no tensors: entries are stand-ins whose `numel()` is their byte
@@ -22,19 +22,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import kv_chunk_shape
+from blend.store.admission import make_admission
+from blend.store.memory import MemoryTier
 
-from blend.store.admission import make_admission  # noqa: E402
-from blend.store.memory import MemoryTier  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
-BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3-8B, bf16: 128 KiB, so 500 tokens = 64 MiB
+BYTES_PER_TOKEN = math.prod(kv_chunk_shape(1)) * 2  # Llama-3-8B, bf16: 500 tokens = 64 MiB
 MEAN_TOKENS = 500  # documents of 300-700 tokens
 POLICIES = [("lru", "always"), ("lru", "second_sight"), ("slru", "always"),
             ("slru", "second_sight")]
@@ -318,7 +319,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2000, help="steady requests not measured")
     ap.add_argument("--phase", type=int, default=1000, help="requests per phase")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "store_policy.json"))
+    ap.add_argument("--out", default=str(RESULTS / "store_policy.json"))
     a = ap.parse_args()
     results = {}
     for corpus, cap, churn in itertools.product(CORPORA, CAPACITIES, CHURNS):

@@ -9,9 +9,10 @@ not depend on the values). Prompt: 8 chunks + a 64-token question, at 8k and
 * blended: the engine's `Blender` at r=0.15 with one check layer (1), Triton
            ops, then the question prefilled over the fused cache (as vLLM
            does); TTFT ends when the question's logits exist. Chunk KV starts
-           in pinned host memory: every layer's copy is queued on a side stream
-           up front, and layer l's fuse + re-rotation waits only for copy l, so
-           loading overlaps compute; the timing includes it.
+           in pinned host memory and is placed by the connector's own loader
+           (`blend.chunk_loader.LayerLoad`: copies on a side stream, layer l's
+           placement waits only for copy l), so the timing includes the
+           product's load path.
 Medians over repeats, host clock around synchronized regions.
 """
 
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from bench.common import LLAMA3_8B, ROOT
 from blend.blender import Blender, BlendSeq
+from blend.chunk_loader import LayerLoad, Piece, source_for
 from blend.config import BlendConfig
 from blend.kv import PagedKV, slots_for
 from blend.models import adapter_for
@@ -42,9 +45,7 @@ def llama3_8b(layers: int, tiny: bool, device: str):
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                           max_position_embeddings=4096)
     else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                          rope_theta=500000.0, max_position_embeddings=65536)
+        cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     cfg._attn_implementation = "sdpa"
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -56,58 +57,17 @@ def llama3_8b(layers: int, tiny: bool, device: str):
     return model.eval()
 
 
-class PinnedLayerLoader:
-    """Chunk KV from pinned host memory into the paged cache, one layer at a time, overlapped.
-
-    `host_kv` is `[L, 2, n, Hkv, D]` pinned (the 8 chunks back to back, each
-    computed from position 0); `delta[i]` moves token i to its place. Copies
-    run on a side stream at most `window` layers ahead of compute: queueing all
-    of them at once (run 3) put every small metadata copy of the blend behind
-    gigabytes of KV on the one host->device copy engine, and the blend waited
-    for the whole load before its first layer.
-    """
-
-    def __init__(self, blender: Blender, kv: PagedKV, host_kv: torch.Tensor,
-                 slots: torch.Tensor, delta: torch.Tensor, window: int = 2):
-        self.b, self.kv, self.host = blender, kv, host_kv
-        self.dev = torch.empty_like(host_kv, device=slots.device)
-        self.slots, self.delta = slots, delta
-        self.cos_sin = blender.delta_table(int(delta.max()))
-        self.stream = torch.cuda.Stream() if slots.is_cuda else None
-        self.window = window
-        self.events: dict[int, torch.cuda.Event] = {}
-        self.issued = 0
-
-    def start(self) -> None:
-        """Queue the first `window` layers' copies (returns at once)."""
-        self.events, self.issued = {}, 0
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream())  # the staging buffer is free
-        self._issue(self.window)
-
-    def _issue(self, upto: int) -> None:
-        upto = min(upto, self.host.shape[0])
-        if self.stream is None:
-            for layer in range(self.issued, upto):
-                self.dev[layer].copy_(self.host[layer])
-            self.issued = max(self.issued, upto)
-            return
-        with torch.cuda.stream(self.stream):
-            for layer in range(self.issued, upto):
-                self.dev[layer].copy_(self.host[layer], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                self.events[layer] = ev
-        self.issued = max(self.issued, upto)
-
-    def __call__(self, layer: int) -> None:
-        self._issue(layer + 1 + self.window)
-        if layer in self.events:
-            torch.cuda.current_stream().wait_event(self.events[layer])
-        ops = self.b.ops
-        k_cache, v_cache = self.kv.layer(layer)
-        ops.fuse_kv(k_cache, v_cache, self.slots, self.dev[layer, 0], self.dev[layer, 1])
-        ops.rerotate_k(k_cache, self.slots, self.delta, self.cos_sin, self.b.adapter.rope.is_neox)
+def chunk_load(blender: Blender, kv: PagedKV, host_chunks: list[torch.Tensor],
+               slots: torch.Tensor, clen: int) -> LayerLoad:
+    """The connector's loader over this run's chunks: chunk `i` goes to context tokens
+    `[i * clen, (i + 1) * clen)`, moved by `i * clen` positions (a fresh load per run,
+    as the connector builds one per blend)."""
+    dev = torch.device(blender.adapter.device)
+    pieces = []
+    for i, host in enumerate(host_chunks):
+        src, _ = source_for(f"chunk{i}", host, dev, None, False)
+        pieces.append(Piece(src, 0, clen, slots[i * clen:(i + 1) * clen], i * clen))
+    return LayerLoad(blender, kv, pieces)
 
 
 def sync(device: str) -> None:
@@ -140,14 +100,19 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     bs = block_size or total  # None: one contiguous block
     kv = PagedKV.like(a, total, bs)
     row = kv.allocate(total)
-    slots = slots_for(row.to(device), torch.arange(ctx, device=device), bs)
+    slots = slots_for(row, torch.arange(ctx), bs)  # host int64, as the connector plans them
     clen = ctx // CHUNKS
-    delta = (torch.arange(ctx, device=device) // clen * clen).to(torch.int32)
-    shape = (a.num_layers, 2, ctx, a.num_kv_heads, a.head_dim)
-    host_kv = torch.empty(shape, dtype=a.dtype, pin_memory=device == "cuda")
-    host_kv.copy_(torch.randn(shape, dtype=torch.float32, generator=gen).to(a.dtype)
-                  if device != "cuda" else torch.randn(shape, device=device, dtype=a.dtype).cpu())
-    loader = PinnedLayerLoader(blender, kv, host_kv, slots, delta)
+    shape = (a.num_layers, 2, clen, a.num_kv_heads, a.head_dim)
+    host_chunks = []
+    for _ in range(CHUNKS):
+        h = torch.empty(shape, dtype=a.dtype, pin_memory=device == "cuda")
+        h.copy_(torch.randn(shape, dtype=torch.float32, generator=gen).to(a.dtype)
+                if device != "cuda" else torch.randn(shape, device=device, dtype=a.dtype).cpu())
+        host_chunks.append(h)
+    chunk_bytes = sum(h.numel() * h.element_size() for h in host_chunks)
+
+    def new_load() -> LayerLoad:
+        return chunk_load(blender, kv, host_chunks, slots, clen)
     ctx_ids, q_ids = ids[:ctx], ids[ctx:]
     input_ids = ids[None].to(device)
 
@@ -156,31 +121,33 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
 
     def blended(b=blender):
         # The question rides in the blend pass as forced output tokens (exact, by causality).
-        loader.start()
-        return b.run([BlendSeq(ids, 0, row, num_outputs=QUESTION)], kv, blend=True,
-                     layer_hook=loader).logits
+        load = chunk_load(b, kv, host_chunks, slots, clen)
+        out = b.run([BlendSeq(ids, 0, row, num_outputs=QUESTION)], kv, blend=True,
+                    layer_hook=load.hook).logits
+        load.finish(None)
+        return out
 
     def load_only():
-        loader.start()
+        load = new_load()
         for layer in range(a.num_layers):
-            loader(layer)
+            load.hook(layer)
 
     def copy_only():
-        loader.start()
-        loader._issue(a.num_layers)
-        if loader.stream is not None:
-            loader.stream.synchronize()
+        load = new_load()
+        load.finish(None)  # queues every copy, places nothing
+        if load.stream is not None:
+            load.stream.synchronize()
 
     def blend_two_pass():
         # The question as a second plain-prefill pass over the fused cache (the vLLM shape).
-        loader.start()
-        blender.run([BlendSeq(ctx_ids, 0, row)], kv, blend=True, layer_hook=loader)
+        load = new_load()
+        blender.run([BlendSeq(ctx_ids, 0, row)], kv, blend=True, layer_hook=load.hook)
         return blender.run([BlendSeq(q_ids, ctx, row, num_outputs=QUESTION)], kv,
                            blend=False).logits
 
     def blend_ctx_only():
-        loader.start()
-        blender.run([BlendSeq(ctx_ids, 0, row)], kv, blend=True, layer_hook=loader)
+        load = new_load()
+        blender.run([BlendSeq(ctx_ids, 0, row)], kv, blend=True, layer_hook=load.hook)
 
     t_full = timed(full, device, reps)
     t_ctx = timed(blend_ctx_only, device, reps)
@@ -225,8 +192,8 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
         "host_enqueue_ms": host_ms, "sync_sites": syncs,
         "load_plus_fuse_rerotate_ms": statistics.median(t_load),
         "h2d_copy_ms": statistics.median(t_copy),
-        "h2d_gbps": host_kv.numel() * host_kv.element_size() / statistics.median(t_copy) / 1e6,
-        "chunk_kv_bytes": host_kv.numel() * host_kv.element_size(),
+        "h2d_gbps": chunk_bytes / statistics.median(t_copy) / 1e6,
+        "chunk_kv_bytes": chunk_bytes,
         "ratio1_vs_full_last_logits_rel_err": inv_err,
         "raw_ms": {"full": t_full, "blend": t_blend, "ctx": t_ctx, "two_pass": t_two, "load": t_load, "copy": t_copy},
     }
@@ -246,7 +213,7 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/ttft_gpu.json")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ttft_gpu.json"))
     ap.add_argument("--ctx", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--layouts", nargs="*", default=["contiguous", "paged16"])
     ap.add_argument("--reps", type=int, default=5)

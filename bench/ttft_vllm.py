@@ -14,7 +14,7 @@ picks for this CPU (the demo's), and why. Where the connector cannot start
 in a dtype (bf16 on an AMX CPU: vLLM's `amx` KV layout), that dtype records
 the error and plain prefill alone, from an engine without the connector.
 
-    python bench/ttft_vllm.py [--runs 7] [--ratio 0.15] [--dtypes float32,bfloat16]
+    python -m bench.ttft_vllm [--runs 7] [--ratio 0.15] [--dtypes float32,bfloat16]
                               [--out bench/results/ttft_vllm.json]
 """
 
@@ -30,13 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import topics
+
 
 def passages(n: int, min_tokens: int, tok) -> list[str]:
-    from pydoc_data.topics import topics
-
+    t = topics()
     out = []
-    for k in sorted(topics, key=lambda k: -len(topics[k])):
-        words = topics[k].split()
+    for k in sorted(t, key=lambda k: -len(t[k])):
+        words = t[k].split()
         text, i = [], 0
         while i < len(words) and len(tok(" ".join(text)).input_ids) < min_tokens:
             text += words[i: i + 40]

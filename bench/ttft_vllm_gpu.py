@@ -35,7 +35,7 @@ Issue 11's benchmark, run on the lent H200 (`bash tools/gpu/device.sh bench`, do
   that would end past `--budget-s` (device.sh passes the call's budget); skipped sections
   are listed under `skipped`. `--estimate-only` prints the plan and stops.
 
-    python bench/ttft_vllm_gpu.py [--sets 16x512,32x1000] [--miss 1,16] [--tiers host,gpu]
+    python -m bench.ttft_vllm_gpu [--sets 16x512,32x1000] [--miss 1,16] [--tiers host,gpu]
         [--selections deviation,cheap] [--concurrent-reps 0] [--breakdown-sets 32x1000]
         [--runs 5] [--warmup 2] [--out bench/results/ttft_vllm_gpu.json]
 """
@@ -56,10 +56,10 @@ import threading
 import time
 from pathlib import Path
 
+from bench.common import LLAMA3_8B, child_env, home, python_m, rounded_median, topic_words, topics
+
 MARK = "@@BENCH "
-SHAPE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-             intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
-             max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SHAPE = LLAMA3_8B
 MAX_MODEL_LEN = 40000
 N_CHUNKS = 8
 QUESTION_TOKENS = 64
@@ -76,10 +76,6 @@ TARGETS = {"16x512_host_deviation": 4.0, "32x1000_host_deviation": 4.5,
 # Issue 13's cheap mode as measured on the prose prompts (compute 0.071): no full-token check
 # layer; the question's attention at layer 4 over the cached KV picks 4.5% of the context.
 CHEAP = {"selection": "cheap", "check_layers": [4], "recomp_ratio": 0.045, "sink_tokens": 4}
-
-
-def home() -> Path:
-    return Path(os.environ.get("CACHEBLEND_HOME", "~/.cache/cacheblend")).expanduser()
 
 
 # ----------------------------------------------------------------- model
@@ -116,8 +112,8 @@ def ensure_model(tok_src: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    subprocess.run([sys.executable, "-P", __file__, "--make-model", str(out), str(tok_src)],
-                   check=True)
+    subprocess.run(python_m("bench.ttft_vllm_gpu", "--make-model", str(out), str(tok_src)),
+                   check=True, env=child_env())
     print(f"[bench] random model made in {time.time() - t:.0f} s: {out}", flush=True)
     return out
 
@@ -189,8 +185,7 @@ def profiled(llm, sp, prompts: list) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from profile_vllm_gpu import _summary
+    from bench.profile_vllm_gpu import _summary
 
     bw = _blend_worker()
     tdir = getattr(bw, "trace_dir", None)
@@ -233,10 +228,11 @@ class Engine:
                  trace_dir: str | None = None, util: float = 0.27, ratio: float = 0.15,
                  max_model_len: int = MAX_MODEL_LEN, eager: bool = False, inproc: bool = False):
         self.kind, self.log, self.replies = kind, log, queue.Queue()
-        cmd = [sys.executable, "-P", __file__, "--worker", kind, str(model),
-               json.dumps(store) if store else "", trace_dir or "", str(util), str(ratio),
-               str(max_model_len), "eager" if eager else ""]
-        env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if inproc else {})}
+        cmd = python_m("bench.ttft_vllm_gpu", "--worker", kind, str(model),
+                       json.dumps(store) if store else "", trace_dir or "", str(util), str(ratio),
+                       str(max_model_len), "eager" if eager else "")
+        env = child_env({**os.environ,
+                         **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if inproc else {})})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         threading.Thread(target=self._drain, daemon=True).start()
@@ -275,10 +271,8 @@ class Prompts:
     """Chunks of real prose (fixed token ids), fresh system prompts and questions."""
 
     def __init__(self, tok, seed: int = 0):
-        from pydoc_data.topics import topics
-
         self.tok, self.rng = tok, random.Random(seed)
-        text = " ".join(" ".join(topics[k].split()) for k in sorted(topics))
+        text = " ".join(topic_words(k) for k in sorted(topics()))
         self.stream = tok(text, add_special_tokens=False).input_ids
         self.words = text.split()
         self.at, self.doc = 0, 0
@@ -310,10 +304,6 @@ class Prompts:
 
 
 # ----------------------------------------------------------------- driver
-def med(xs):
-    return round(statistics.median(xs), 2) if xs else None
-
-
 def trace_timings(trace_dir: Path, request_ids: list[str]) -> dict[str, float]:
     """Sum of `timings_ms` over the trace files of these requests (absent keys: absent)."""
     tot: dict[str, float] = {}
@@ -520,7 +510,7 @@ def main() -> None:
     def add_rows(name: str, c: int, t: int, got: dict, names: list[str], **extra) -> None:
         for k in names:
             tier, sel = k.split(":")
-            pm, bm = med(got["times"]["plain"]), med(got["times"][k])
+            pm, bm = rounded_median(got["times"]["plain"]), rounded_median(got["times"][k])
             cfm = {"recomp_ratio": args.ratio, **(meta_of(sel) or {})}
             rows.append({"set": name, "chunks": c, "chunk_tokens": t,
                          "context_tokens": got["context_tokens"],
@@ -538,7 +528,7 @@ def main() -> None:
             got = measure([P.build(chunk_sets[name]) for _ in range(reps)], variants)
             add_rows(name, c, t, got, variants)
             print(f"[bench] {name} ({time.time() - t_all:.0f} s): " + ", ".join(
-                f"{k} {med(v)} ms" for k, v in got["times"].items()), flush=True)
+                f"{k} {rounded_median(v)} ms" for k, v in got["times"].items()), flush=True)
     for m in misses:  # fresh chunks every run: each blended engine meets them for the first time
         if not fits(f"miss {m}/{miss_n}"):
             continue
@@ -553,7 +543,7 @@ def main() -> None:
         got = measure(prompts, names)
         add_rows(f"{args.miss_shape}-miss{m}", miss_n, miss_t, got, names, missing=m)
         print(f"[bench] miss {m}/{miss_n} ({time.time() - t_all:.0f} s): " + ", ".join(
-            f"{k} {med(v)} ms" for k, v in got["times"].items()), flush=True)
+            f"{k} {rounded_median(v)} ms" for k, v in got["times"].items()), flush=True)
 
     conc: dict = {"skipped": "--concurrent-reps 0"}
     if args.concurrent_reps > 0 and fits("concurrent"):
@@ -677,11 +667,11 @@ def breakdown_row(e: Engine, tdir: Path, P: Prompts, chunks: list[str], meta: di
             ttft.append(r["ms"])
             cpu.append(r["cpu_ms"])
     keys = sorted({k for d in per for k in d if "." not in k})  # not per layer
-    tm = {k: med([d[k] for d in per if k in d]) for k in keys}
-    out: dict = {"ttft_ms_traced": med(ttft), "timings_ms": tm, "runs": len(per),
+    tm = {k: rounded_median([d[k] for d in per if k in d]) for k in keys}
+    out: dict = {"ttft_ms_traced": rounded_median(ttft), "timings_ms": tm, "runs": len(per),
                  "to_worker_ms": tm.get("to_worker"), "prep_ms": tm.get("prep"),
                  "copies_ms": tm.get("load"), "blend_gpu_ms": tm.get("blend"),
-                 "cpu_ms_traced": med(cpu), "context_tokens": spans[-1][1]}
+                 "cpu_ms_traced": rounded_median(cpu), "context_tokens": spans[-1][1]}
     if "blend" in tm:  # fixed cost: TTFT outside the blend's GPU span
         out["fixed_ms"] = round(out["ttft_ms_traced"] - tm["blend"], 2)
         if "to_worker" in tm and "prep" in tm:  # what is left: vLLM's question step, the way back

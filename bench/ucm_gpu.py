@@ -8,7 +8,7 @@ load / get GB/s of a 64 MiB bf16 chunk (2 MiB blocks, device buffers),
 bit-exactness, a second store in the same process, and the time from the
 child's last line to its exit.
 
-    python3 bench/ucm_gpu.py [--out bench/results/ucm_gpu.json] [--deadline 120]
+    python3 -m bench.ucm_gpu [--out bench/results/ucm_gpu.json] [--deadline 120]
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import child_env, python_m
 
 CONFIGS = {
     # UCM's own default cache_buffer_capacity_gb is 256 GiB of /dev/shm: on the 128 GiB H100
@@ -35,8 +37,8 @@ def child(root: str, ucm_config: dict, reps: int) -> None:
     """Runs in the child: prints one JSON line per phase."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.store import gbps, med, open_store  # imports blend bare where vLLM is absent
+    from bench.common import gbps, median_s
+    from blend.store import open_store
 
     def say(**kw) -> None:
         print(json.dumps(kw), flush=True)
@@ -46,7 +48,7 @@ def child(root: str, ucm_config: dict, reps: int) -> None:
             fn()
             torch.cuda.synchronize()
         torch.cuda.synchronize()
-        return gbps(nbytes, med(synced, reps))
+        return gbps(nbytes, median_s(synced, reps))
 
     fp = "f" * 16
     no_close = ucm_config.pop("_no_close", False)
@@ -84,10 +86,11 @@ def child(root: str, ucm_config: dict, reps: int) -> None:
 def run(name: str, cfg: dict, deadline: float, reps: int) -> dict:
     root = tempfile.mkdtemp(prefix="ucm-gpu-")
     Path(root + "_2").mkdir()
-    cmd = [sys.executable, __file__, "--child", root, "--config", json.dumps(cfg),
-           "--reps", str(reps)]
+    cmd = python_m("bench.ucm_gpu", "--child", root, "--config", json.dumps(cfg),
+                   "--reps", str(reps))
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=child_env())
     rec: dict = {"config": cfg, "phases": {}}
     t_done = None
     try:

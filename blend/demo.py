@@ -21,9 +21,9 @@ TOPICS = ["raise", "assert", "return", "break", "pass"]
 
 
 def _documents() -> list[str]:
-    from pydoc_data.topics import topics
+    from blend.prose import topics
 
-    return [" ".join(topics[t].split())[:1400] for t in TOPICS]
+    return [" ".join(topics()[t].split())[:1400] for t in TOPICS]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,13 @@
 """The paged blender against plain CacheBlend written independently in dense PyTorch.
 
-`bench/plain_cacheblend.py` shares no code with `blend/`: if both pick the same
+`tests/reference/plain_cacheblend.py` shares no code with `blend/`: if both pick the same
 HKVD tokens and give the same question logits on real text, the selection,
 re-rotation, mask and fusion of the product are what CacheBlend specifies.
 """
 
 import pytest
-
-from bench.plain_cacheblend import plain_blend
-from bench.quality import kl as _kl
+from blend_case import kl as _kl
+from reference.plain_cacheblend import plain_blend
 
 SYSTEM = "Answer the question using only the documents below."
 QUESTION = "What does the document about exceptions say? Answer in one sentence."

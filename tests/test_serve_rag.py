@@ -1,4 +1,4 @@
-"""The serving benchmark's CPU smoke mode (`bench/serve_rag.py --smoke`), so the harness cannot rot.
+"""The serving benchmark's CPU smoke mode (`python -m bench.serve_rag --smoke`), so the harness cannot rot.
 
 Both `vllm serve` processes, vLLM's bench client, the `/metrics` scraping, the JSON and the plot,
 on SmolLM2 with a tiny corpus (a few minutes on 2 cores). It measures nothing: it checks that every
@@ -25,7 +25,7 @@ TARGETS = {"never_worse", "hot_3x", "slo_2x", "no_decay", "miss_1_3x"}
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, child_env, smollm2_path) -> dict:
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_rag.py"), "--smoke",
+    proc = subprocess.run([sys.executable, "-m", "bench.serve_rag", "--smoke",
                            "--out", str(out), "--work", str(work)],
                           cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=1500)
     print(proc.stdout[-4000:])

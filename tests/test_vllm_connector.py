@@ -22,6 +22,9 @@ import sys
 
 import pytest
 
+from blend.prose import QUESTIONS
+from blend.prose import passages as _passages
+
 # fp32, like the exactness and KL targets below. In bf16 even plain vLLM's
 # output depends on how its scheduler groups a prompt into steps: its CPU attention
 # kernel gives last-bit different rows for one 900-token step than for 512 + 388
@@ -34,25 +37,6 @@ EXACT_LOGPROBS = 20  # top-k rows for the master check (blend/exactness.py)
 KL_TARGET = 0.036  # reuse quality asked of plain CacheBlend at r=0.15 on SmolLM2
 TUNED = {"recomp_ratio": 0.15, "check_layers": [1, 8], "recomp_ratios": [0.5, 0.15],
          "deviation": "k_l2"}  # docs/tuning.md
-
-
-def _passages(n: int, size: int = 700) -> list[str]:
-    from pydoc_data.topics import topics
-
-    out = []
-    for k in sorted(topics):
-        t = " ".join(topics[k].split())
-        if len(t) >= size:
-            cut = t[:size]
-            out.append(cut[: cut.rfind(" ")])
-        if len(out) == n:
-            break
-    return out
-
-
-QUESTIONS = ["What is the first passage about?", "Summarize the second passage in one sentence.",
-             "Which Python statement is described last?", "Name one keyword mentioned above.",
-             "What does the third passage explain?"]
 
 
 def _cases(tok) -> dict:

@@ -94,7 +94,7 @@ def _divergence(tokens: list[int], ref: dict) -> int | None:
 
 def _load_reference_cases() -> dict:
     if not KL_REFERENCE.exists():
-        pytest.fail(f"{KL_REFERENCE} missing: run `python bench/kl_reference.py` on the CPU")
+        pytest.fail(f"{KL_REFERENCE} missing: run `python -m bench.kl_reference` on the CPU")
     return json.loads(KL_REFERENCE.read_text())
 
 

@@ -89,17 +89,6 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_ttft(args: argparse.Namespace) -> int:
-    import runpy
-
-    sys.argv = ["bench/ttft_vllm.py", *args.rest]
-    script = Path(__file__).resolve().parents[2] / "bench" / "ttft_vllm.py"
-    if not script.is_file():
-        raise SystemExit(f"cacheblend bench ttft: {script} not found (run from a source checkout)")
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cacheblend", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -132,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_precompute)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    t = bsub.add_parser("ttft", help="TTFT, plain vs blended prefill on real vLLM")
+    from blend.cli.bench import add_quality_parser, cmd_ttft
+
+    t = bsub.add_parser("ttft", help="TTFT, plain vs blended prefill on real vLLM: prints the "
+                        "`python -m bench.ttft_vllm` line to run from a source checkout")
     t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(func=cmd_bench_ttft)
-    from blend.cli.bench import add_quality_parser
+    t.set_defaults(func=cmd_ttft)
     from blend.cli.store import add_parsers
 
     add_quality_parser(bsub)

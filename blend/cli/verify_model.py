@@ -27,40 +27,24 @@ import sys
 import tempfile
 import time
 
+from blend.prose import QUESTIONS, passages
+
 N_PROMPTS = 10
 N_CHUNKS = 4
 CHUNK_CHARS = 700
 GEN = 16
 LOGPROBS = 20  # vLLM's default max_logprobs
 SYSTEMS = ["You are a helpful assistant.", "Answer briefly, using only the documents below."]
-QUESTIONS = ["What is the first passage about?", "Summarize the second passage in one sentence.",
-             "Which Python statement is described last?", "Name one keyword mentioned above.",
-             "What does the third passage explain?"]
 # Engine options passed through to vllm.LLM when given (None: vLLM's own default).
 ENGINE_OPTS = {"dtype": str, "gpu_memory_utilization": float, "max_model_len": int,
                "tensor_parallel_size": int, "seed": int}
-
-
-def passages(n: int, size: int = CHUNK_CHARS) -> list[str]:
-    """`n` passages of real prose of about `size` characters, cut at a word."""
-    from pydoc_data.topics import topics
-
-    out = []
-    for k in sorted(topics):
-        t = " ".join(topics[k].split())
-        if len(t) >= size:
-            cut = t[:size]
-            out.append(cut[: cut.rfind(" ")])
-        if len(out) == n:
-            break
-    return out
 
 
 def build_cases(tok, n_prompts: int = N_PROMPTS) -> list[dict]:
     """Token ids and chunk spans of the built-in prompts."""
     from blend.api import build_prompt
 
-    P = passages(N_CHUNKS * n_prompts)
+    P = passages(N_CHUNKS * n_prompts, CHUNK_CHARS)
     cases = []
     for i in range(n_prompts):
         p = build_prompt(tok, SYSTEMS[i % 2], P[N_CHUNKS * i: N_CHUNKS * (i + 1)],

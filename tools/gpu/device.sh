@@ -152,11 +152,12 @@ units() {  # the kernels' and the loader's GPU tests (no vLLM engine): fast, run
   return "$rc"
 }
 
-run_script() {  # NAME ARGS...: bench/NAME.py -> $OUT/NAME.txt (+ what the script writes to $OUT)
+run_script() {  # NAME ARGS...: python -m bench.NAME -> $OUT/NAME.txt (+ what the script writes to $OUT)
   local name=$1; shift
   install_project || return 1
-  log "$name: bench/$name.py $*"
-  timeout "$(left)" python3 -P "bench/$name.py" "$@" 2>&1 | tee "$OUT/$name.txt" \
+  log "$name: python -m bench.$name $*"
+  # -P: the checkout's blend/ must not shadow the installed one; bench comes from $PWD, last.
+  PYTHONPATH=$PYTHONPATH:$PWD timeout "$(left)" python3 -P -m "bench.$name" "$@" 2>&1 | tee "$OUT/$name.txt" \
     | grep -vE "^(INFO|DEBUG|WARNING) [0-9]|^\(EngineCore"
   local rc=${PIPESTATUS[0]}
   log "$name: rc=$rc"

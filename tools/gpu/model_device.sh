@@ -94,7 +94,7 @@ quality() {  # bench/quality_gpu.py inside this call's budget; runs add up while
     echo "$h" > "$SITE/.project_hash"
   fi
   log "quality: bench/quality_gpu.py $*"
-  PYTHONPATH=$SITE timeout "$(left)" python3 -P bench/quality_gpu.py --model "$MODEL_DIR" --out "$OUT" \
+  PYTHONPATH=$SITE:$PWD timeout "$(left)" python3 -P -m bench.quality_gpu --model "$MODEL_DIR" --out "$OUT" \
     --budget-s "$(( $(left) - 20 ))" "$@" 2>&1 | tee "$OUT/quality_gpu.txt" \
     | grep -vE "^(INFO|DEBUG|WARNING) [0-9]|^\(EngineCore"
   local rc=${PIPESTATUS[0]}

@@ -7,8 +7,7 @@ moved to its new offset with HF's own rotary embedding (R(p + d) = R(d) R(p)).
 The question is always recomputed and gets the logits. V deviation L2² at the
 check layers, an exact causal mask by position, fp32.
 
-Used by `bench/quality.py --variants` (does our blender match plain CacheBlend on
-our prompt set?) and by `tests/test_blend_vs_plain.py`.
+Used by `tests/test_blend_vs_plain.py`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Independent yardsticks the tests compare the product against; nothing here imports `blend`."""
