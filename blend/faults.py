@@ -3,7 +3,7 @@
 A check that never fails proves nothing. `CACHEBLEND_TEST_FAULT` (read once, when a
 `Blender` is built, i.e. at engine start-up in vLLM's worker) injects one of two
 small, realistic bugs into every blend run, so the tests (and `cacheblend verify
---model`) can show that the master check (`blend/master_check.py`) FAILS under
+--model`) can show that the master check (`blend/exactness.py`) FAILS under
 them and passes without them:
 
 * `rope`: the tokens of each sequence's last loaded chunk (the one next to the

@@ -78,9 +78,6 @@ POINTS: dict[str, tuple[PatchPoint, ...]] = {
     "0.26": _V026, "0.27": _V026, "0.28": _V026, "0.29": _V026, "0.30": _V026, "0.31": _V026,
     "0.32": _COMMON, "0.33": _COMMON,
 }
-SUPPORTED: dict[str, str] = dict(sorted({**RUN, **CHECKED}.items(),
-                                        key=lambda kv: tuple(map(int, kv[0].split(".")))))
-TABLE: dict[str, tuple[PatchPoint, ...]] = {k: POINTS[k] for k in SUPPORTED}
 
 
 def version_key(version: str) -> str:
@@ -94,6 +91,10 @@ def _num(key: str) -> tuple[int, ...]:
         return tuple(int(x) for x in key.split("."))
     except ValueError:
         return (-1,)
+
+
+SUPPORTED: dict[str, str] = dict(sorted({**RUN, **CHECKED}.items(), key=lambda kv: _num(kv[0])))
+TABLE: dict[str, tuple[PatchPoint, ...]] = {k: POINTS[k] for k in SUPPORTED}
 
 
 def in_range(version: str) -> bool:

@@ -354,11 +354,8 @@ class BlendWorker:
         `torch.tensor` over token lists made the host time grow with the chunk count.
         """
         p0, end = req.num_local, req.context_end
-        row_np = np.asarray(req.block_ids, dtype=np.int64)
-        row = torch.from_numpy(row_np.astype(np.int32))
-        bs = self.block_size
-        at = np.arange(p0, end, dtype=np.int64)
-        slots = torch.from_numpy(row_np[at // bs] * bs + at % bs)  # host int64, no sync
+        row = torch.from_numpy(np.asarray(req.block_ids, dtype=np.int32))
+        slots = slots_for(row, torch.arange(p0, end), self.block_size)  # host int64, no sync
         forced = np.ones(end - p0, dtype=bool)  # text is recomputed unless a chunk covers it
         pieces: list[Piece] = []
         sink = config.sink_tokens
