@@ -63,6 +63,12 @@ def prompt():
     return tokens(PROMPT_LEN, seed=1)
 
 
+def store_spans(conn, prompt) -> None:
+    """Every chunk of SPANS stored, as a warm store holds them."""
+    for s in SPANS:
+        store_chunk(conn, prompt, s)
+
+
 def claim(conn, request, num_computed: int = 0) -> int:
     n, is_async = conn.get_num_new_matched_tokens(request, num_computed)
     assert is_async is False  # loads are synchronous: the blend runs before the forward
@@ -166,8 +172,7 @@ def test_chunks_shorter_than_min_chunk_tokens_are_text_not_chunks(make, prompt):
 
 def test_only_short_chunks_is_a_plain_prefill(make, prompt):
     conn = make(min_chunk_tokens=64)
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, SPANS)
     assert claim(conn, r) == 0
     assert conn._scheduler.stats["fallbacks"] == 0  # not a fallback: nothing to blend
@@ -267,8 +272,7 @@ def test_unknown_per_request_on_miss_uses_the_engines(make, prompt):
 
 def test_per_request_cache_fuse_metadata_is_merged_over_the_engines(make, prompt):
     conn = make(cache_fuse_metadata={"recomp_ratio": 0.2, "check_layers": [2]})
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, SPANS, cache_fuse_metadata={"recomp_ratio": 1.0,
                                                            "selection": "query"})
     assert claim(conn, r) == 80
@@ -280,8 +284,7 @@ def test_per_request_cache_fuse_metadata_is_merged_over_the_engines(make, prompt
 
 def test_bad_per_request_cache_fuse_metadata_falls_back_to_plain(make, prompt):
     conn = make()
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, kv_transfer_params={"blend": {
         "spans": SPANS, "cache_fuse_metadata": {"recomp_ratio": 7}}})
     assert claim(conn, r) == 0
@@ -292,8 +295,7 @@ def test_bad_per_request_cache_fuse_metadata_falls_back_to_plain(make, prompt):
 # ------------------------------------------------------------------ vLLM's prefix cache
 def test_a_prefix_cache_hit_shortens_the_claim(make, prompt):
     conn = make()
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, SPANS)
     assert claim(conn, r, num_computed=32) == 48
     (req,) = alloc_and_meta(conn, r, 48, num_local=32).requests
@@ -313,8 +315,7 @@ def test_a_context_wholly_prefix_cached_claims_nothing_but_is_reported(make, pro
 # ------------------------------------------------------------------ scheduling edge cases
 def test_a_planned_request_not_scheduled_is_dropped(make, prompt):
     conn = make()
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, SPANS)
     claim(conn, r)
     conn.update_state_after_alloc(r, no_blocks(), 80)
@@ -327,8 +328,7 @@ def test_a_planned_request_not_scheduled_is_dropped(make, prompt):
 
 def test_a_resumed_request_is_blended_into_its_new_block_table(make, prompt):
     conn = make()
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, SPANS)
     claim(conn, r)
     conn.update_state_after_alloc(r, no_blocks(), 80)
@@ -339,8 +339,7 @@ def test_a_resumed_request_is_blended_into_its_new_block_table(make, prompt):
 
 def test_request_finished_forgets_the_request(make, prompt):
     conn = make()
-    for s in SPANS:
-        store_chunk(conn, prompt, s)
+    store_spans(conn, prompt)
     r = create_request(prompt, SPANS, request_id="same-id")
     assert claim(conn, r) == 80
     alloc_and_meta(conn, r, 80)
@@ -353,8 +352,7 @@ def test_request_finished_forgets_the_request(make, prompt):
 # ------------------------------------------------------------------ under vLLM's Scheduler
 def test_vllm_schedules_only_the_question_after_a_blend(model_dir, tmp_path, prompt):
     sched = create_scheduler(create_vllm_config(model_dir, tmp_path / "kv"))
-    for s in SPANS:
-        store_chunk(sched.connector, prompt, s)
+    store_spans(sched.connector, prompt)
     r = create_request(prompt, SPANS)
     sched.add_request(r)
     out = sched.schedule()
@@ -369,8 +367,7 @@ def test_vllm_schedules_only_the_question_after_a_blend(model_dir, tmp_path, pro
 
 def test_vllm_prefix_cache_and_the_connector_share_the_context(model_dir, tmp_path, prompt):
     sched = create_scheduler(create_vllm_config(model_dir, tmp_path / "kv"))
-    for s in SPANS:
-        store_chunk(sched.connector, prompt, s)
+    store_spans(sched.connector, prompt)
     first = create_request(prompt, SPANS)
     sched.add_request(first)
     out = sched.schedule()
