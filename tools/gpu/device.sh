@@ -135,7 +135,7 @@ tests() {
   install_project || return 1
   log "tests: tests/test_vllm_gpu.py"
   # -P: import blend from $SITE (the installed copy, with blend.patches), not the repo folder.
-  VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -rA -v --durations=0 -m gpu \
+  VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -o pythonpath= -rA -v --durations=0 -m gpu \
     tests/test_vllm_gpu.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/vllm_gpu_tests.txt" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" 
   local rc=${PIPESTATUS[0]}
   log "tests: rc=$rc"
@@ -145,7 +145,7 @@ tests() {
 units() {  # the kernels' and the loader's GPU tests (no vLLM engine): fast, run first
   install_project || return 1
   log "units: GPU tests of the kernels and the chunk loader"
-  timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu tests/test_kernels_*.py \
+  timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -o pythonpath= -q -rfE -m gpu tests/test_kernels_*.py \
     tests/test_chunk_loader.py 2>&1 | tee "$OUT/gpu_unit_tests.txt" | tail -5
   local rc=${PIPESTATUS[0]}
   log "units: rc=$rc"
