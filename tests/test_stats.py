@@ -104,3 +104,37 @@ def test_a_store_whose_stats_fail_does_not_fail_the_step():
 
     worker = _Role(Broken(), take_stats=lambda: {"chunks": 1})
     assert collect(worker=worker).data["store_errors"] == {}
+
+
+def test_store_reports_give_each_roles_counters_and_the_gpu_tier(tmp_path):
+    import torch
+
+    from blend.connector.stats import store_reports
+    from blend.store.gpu_tier import DeviceTier
+    from blend.store.local import LocalStore
+
+    store = LocalStore("fp", tmp_path, memory_bytes=3 * 4096, disk_bytes=1 << 20)
+    for i in range(4):  # the fourth put evicts the first from memory; disk keeps all four
+        assert store.put(f"{i:064x}", torch.zeros(1024))
+    tier = DeviceTier(1 << 20)
+    tier.put(f"{0:064x}", torch.zeros(16))
+    got = store_reports(_Role(store), _Role(store, gpu_tier=tier))
+    assert got["scheduler"]["puts"] == 4 and got["scheduler"]["memory_evictions"] == 1
+    assert "gpu_tier" not in got["scheduler"]
+    assert got["worker"]["gpu_tier"] == {"bytes_used": 64, "capacity": 1 << 20, "entries": 1,
+                                         "evictions": 0}
+
+
+def test_a_store_report_that_fails_is_reported_not_raised():
+    class Broken:
+        def stats(self):
+            raise OSError("gone")
+
+    got = store_reports_of(_Role(Broken()))
+    assert got == {"scheduler": {"stats_error": "OSError('gone')"}}
+
+
+def store_reports_of(scheduler):
+    from blend.connector.stats import store_reports
+
+    return store_reports(scheduler, None)

@@ -136,10 +136,16 @@ class BlendConnector(KVConnectorBase_V1):
         return False, self._scheduler.request_finished(request)
 
     def shutdown(self) -> None:
-        """Let the saver finish what is queued (bounded), so stored chunks outlive the engine."""
+        """Let the saver finish what is queued (bounded), so stored chunks outlive the engine;
+        then log what the store did, so an unexpected miss rate can be traced to evictions,
+        put failures or errors after the fact."""
         if self._worker is not None and self._worker.saver is not None:
             self._worker.saver.flush(timeout=30.0)
             self._worker.saver.close()
+        from blend.connector.stats import store_reports
+
+        for role, report in store_reports(self._scheduler, self._worker).items():
+            log.info("%s store at shutdown: %s", role, report)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -211,3 +211,21 @@ class BlendPromMetrics(KVConnectorPromMetrics):
             self.blend_hist[engine_idx].observe(ms)
         if d["bytes_fetched"]:
             self.gbps[engine_idx].set(load_gbps(d))
+
+
+def store_reports(scheduler: Any, worker: Any) -> dict[str, dict]:
+    """Each role's store counters (and the worker's GPU tier), for the shutdown log line."""
+    out: dict[str, dict] = {}
+    for role, half in (("scheduler", scheduler), ("worker", worker)):
+        store = getattr(half, "store", None)
+        if store is None:
+            continue
+        try:
+            out[role] = store.stats()
+        except Exception as exc:  # noqa: BLE001 - a report must never fail a shutdown
+            out[role] = {"stats_error": repr(exc)}
+        tier = getattr(half, "gpu_tier", None)
+        if tier is not None:
+            out[role]["gpu_tier"] = {"bytes_used": tier.used, "capacity": tier.capacity,
+                                     "entries": len(tier), "evictions": tier.evictions}
+    return out
