@@ -118,9 +118,13 @@ def test_store_reports_give_each_roles_counters_and_the_gpu_tier(tmp_path):
         assert store.put(f"{i:064x}", torch.zeros(1024))
     tier = DeviceTier(1 << 20)
     tier.put(f"{0:064x}", torch.zeros(16))
-    got = store_reports(_Role(store), _Role(store, gpu_tier=tier))
+    from blend.connector.saver import SaverStats
+
+    saver = _Role(None, stats=SaverStats(submitted=3, saved=2, dropped=1))
+    got = store_reports(_Role(store), _Role(store, gpu_tier=tier, saver=saver))
     assert got["scheduler"]["puts"] == 4 and got["scheduler"]["memory_evictions"] == 1
-    assert "gpu_tier" not in got["scheduler"]
+    assert "gpu_tier" not in got["scheduler"] and "saver" not in got["scheduler"]
+    assert got["worker"]["saver"]["dropped"] == 1 and got["worker"]["saver"]["saved"] == 2
     assert got["worker"]["gpu_tier"] == {"bytes_used": 64, "capacity": 1 << 20, "entries": 1,
                                          "evictions": 0}
 

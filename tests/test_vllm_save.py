@@ -135,3 +135,25 @@ def test_few_hits_go_to_plain_prefill(engine, tok):
     o, r = _run(llm, p)
     assert r["chunk_hits"] == 1 and r["plain_prefill"] and r["num_external"] == 0, r
     assert list(o.outputs[0].token_ids) == list(_plain(llm, p).outputs[0].token_ids)
+
+
+def test_precompute_stores_every_chunk_even_over_the_pending_bound(smollm2_path, tmp_path, tok):
+    """A precompute's saves wait for the writer: with a 1 MiB bound each chunk's KV (about
+    5 MB here) is over it, which a best-effort save drops; precompute must store all 8."""
+    from vllm import LLM
+
+    import blend
+
+    llm = LLM(model=smollm2_path, dtype=choose_dtype("cpu").dtype, enforce_eager=True,
+              max_model_len=1024, gpu_memory_utilization=0.3, seed=0,
+              kv_transfer_config=blend.kv_transfer_config(
+                  store=f"local:{tmp_path}", unmarked="none", save_pending_bytes="1MiB"))
+    try:
+        docs = _docs()
+        got = blend.precompute(llm, docs)
+        assert got["chunks"] == len(docs)
+        assert _wait_entries(tmp_path, len(docs)) == len(docs)
+        _, r = _run(llm, blend.build_prompt(tok, SYSTEMS[0], docs[:4], "Name the keywords."))
+        assert r["chunk_hits"] == 4 and r["num_external"] > 0, r
+    finally:
+        shutdown_llm(llm)

@@ -17,6 +17,10 @@ from blend.segments import ON_MISS
 # vLLM's own prefill (docs/config.md).
 DEFAULT_MIN_HIT_RATIO = 0.5
 DEFAULT_ADMIT = "second_sight"
+# Chunk KV extracted for saving and not yet on the host: beyond this a best-effort save is
+# dropped (the chunk is recomputed when it recurs) rather than growing device memory or
+# stalling a step; a precompute's saves wait for room instead.
+DEFAULT_SAVE_PENDING_BYTES = 4 << 30
 
 # kv_connector_extra_config keys the connector understands (besides the store's own).
 EXTRA_KEYS = {
@@ -31,6 +35,8 @@ EXTRA_KEYS = {
     "unmarked": "prompts with no spans and no separator: 'paragraphs' (stored chunks found "
                 "by content, new paragraphs saved) or 'none' (plain prefill)",
     "trace_dir": "directory for per-request blend traces (JSON), or None",
+    "save_pending_bytes": "device memory for chunk KV waiting to be saved (bytes or '4GiB'; "
+                          ">= 1MiB): over it a missed chunk's save is dropped, a precompute waits",
 }
 
 
@@ -66,6 +72,10 @@ def check_extra_config(extra: dict[str, Any]) -> dict[str, Any]:
     admit = out.setdefault("admit", DEFAULT_ADMIT)
     if admit not in ADMIT:
         raise ValueError(f"admit: {admit!r} not allowed; allowed: {list(ADMIT)}")
+    from blend.store.spec import parse_size
+
+    out["save_pending_bytes"] = parse_size(
+        "save_pending_bytes", out.get("save_pending_bytes", DEFAULT_SAVE_PENDING_BYTES), lo=1 << 20)
     td = out.get("trace_dir")
     if td is not None and not isinstance(td, (str, os.PathLike)):
         raise ValueError(f"trace_dir: expected a directory path or None, got {td!r}")

@@ -214,7 +214,8 @@ class BlendPromMetrics(KVConnectorPromMetrics):
 
 
 def store_reports(scheduler: Any, worker: Any) -> dict[str, dict]:
-    """Each role's store counters (and the worker's GPU tier), for the shutdown log line."""
+    """Each role's store counters (and the worker's saver and GPU tier), for the shutdown
+    log line."""
     out: dict[str, dict] = {}
     for role, half in (("scheduler", scheduler), ("worker", worker)):
         store = getattr(half, "store", None)
@@ -224,6 +225,9 @@ def store_reports(scheduler: Any, worker: Any) -> dict[str, dict]:
             out[role] = store.stats()
         except Exception as exc:  # noqa: BLE001 - a report must never fail a shutdown
             out[role] = {"stats_error": repr(exc)}
+        saver = getattr(half, "saver", None)
+        if saver is not None:  # saves dropped over save_pending_bytes, waits, failures
+            out[role]["saver"] = dict(vars(saver.stats))
         tier = getattr(half, "gpu_tier", None)
         if tier is not None:
             out[role]["gpu_tier"] = {"bytes_used": tier.used, "capacity": tier.capacity,

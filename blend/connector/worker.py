@@ -35,6 +35,7 @@ from blend.blender import Blender, BlendSeq, BlendTrace
 from blend.chunk_kv import compute_chunk_kv
 from blend.chunk_loader import ChunkSource, LayerLoad, Piece, source_for
 from blend.config import BlendConfig
+from blend.connector.extra_config import DEFAULT_SAVE_PENDING_BYTES
 from blend.connector.guards import check_block_size, check_kv_dtype
 from blend.connector.identity import vllm_identity
 from blend.connector.kv_layout import layer_views, probe_cpu_layout
@@ -50,9 +51,7 @@ log = get_logger("Connector")
 # One blend run holds at most this many context tokens (a larger request runs alone): the
 # full-recompute layers' activations and the device copies of host chunks scale with it.
 MAX_RUN_TOKENS = 32768
-# Chunk KV extracted for saving and not yet on the host: beyond this a save is dropped (the
-# chunk is recomputed when it recurs) rather than growing device memory or stalling a step.
-SAVE_PENDING_BYTES = 4 << 30
+MUST_SAVE_WAIT_S = 300.0  # how long an on_miss="compute" save waits for the writer
 
 
 @contextlib.contextmanager
@@ -190,7 +189,8 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
-        self.saver = ChunkSaver(self.store, SAVE_PENDING_BYTES)
+        self.saver = ChunkSaver(self.store, self.extra.get("save_pending_bytes",
+                                                          DEFAULT_SAVE_PENDING_BYTES))
         if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
             self._warm_up()
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
@@ -339,7 +339,7 @@ class BlendWorker:
         if req.on_miss != "compute" or not ch.whole or key is None:
             return None
         kv = compute_chunk_kv(self.blender, _ids_list(req.token_ids[ch.start:ch.end]))
-        self._keep(key, kv)
+        self._keep(key, kv, wait_s=MUST_SAVE_WAIT_S)  # asked to store: never dropped for speed
         found[key] = src = ChunkSource(key, None, kv)
         computed.add(key)
         self.stats.computed_chunks += 1
@@ -471,11 +471,11 @@ class BlendWorker:
         trace.timings_ms["host"] = (time.perf_counter() - t0) * 1e3  # enqueue time on CUDA
         return requests, seqs, out.selected, trace, load, events
 
-    def _keep(self, key: str, kv: torch.Tensor) -> None:
+    def _keep(self, key: str, kv: torch.Tensor, wait_s: float = 0.0) -> None:
         """Chunk KV this worker made: to the GPU tier now, to the store in the background."""
         if self.gpu_tier is not None:
             self.gpu_tier.put(key, kv)
-        self.saver.submit(key, kv)  # a drop is counted by the saver
+        self.saver.submit(key, kv, wait_s=wait_s)  # a drop is counted by the saver
 
     def wait_for_save(self, saves: list[SaveRequest]) -> None:
         """Save the chunks vLLM or the blend computed inside prompts this step.
