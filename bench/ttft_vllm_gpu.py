@@ -232,7 +232,9 @@ class Engine:
                        json.dumps(store) if store else "", trace_dir or "", str(util), str(ratio),
                        str(max_model_len), "eager" if eager else "")
         env = child_env({**os.environ,
-                         **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if inproc else {})})
+                         **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if inproc else {}),
+                         # one line per blend in the log: tokens recomputed, chunks found
+                         **({"BLEND_LOG_LEVEL": "DEBUG"} if kind != "plain" else {})})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         threading.Thread(target=self._drain, daemon=True).start()
@@ -489,13 +491,14 @@ def main() -> None:
         # The cheap selection per request (its own prefix-cache salt on the same engine).
         return CHEAP if sel == "cheap" else None
 
-    def measure(prompts: list, names: list[str]) -> dict:
+    def measure(label: str, prompts: list, names: list[str]) -> dict:
         """Each prompt through plain and every variant, interleaved; after `--warmup`, kept."""
         times = {k: [] for k in ["plain", *names]}
         hits = {k: [] for k in names}
         for i, (ids, spans) in enumerate(prompts):
             for k in ["plain", *names]:
                 tier, sel = k.split(":") if k != "plain" else ("plain", "deviation")
+                log.write(f"[bench] {label} run {i} {k}\n")  # the engines' lines that follow
                 r = engines[tier].call(op="run", prompts=[[ids, spans]], meta=meta_of(sel))
                 if k != "plain" and (not r["reports"] or r["local"][0] >= spans[-1][1] - 16):
                     print(f"[bench] warning: {k} run {i}: reports={r['reports']} "
@@ -525,7 +528,7 @@ def main() -> None:
     rows: list[dict] = []
     for name, (c, t) in sets.items():
         if fits(f"rows {name}"):
-            got = measure([P.build(chunk_sets[name]) for _ in range(reps)], variants)
+            got = measure(name, [P.build(chunk_sets[name]) for _ in range(reps)], variants)
             add_rows(name, c, t, got, variants)
             print(f"[bench] {name} ({time.time() - t_all:.0f} s): " + ", ".join(
                 f"{k} {rounded_median(v)} ms" for k, v in got["times"].items()), flush=True)
@@ -540,7 +543,7 @@ def main() -> None:
             for j, idx in enumerate(P.rng.sample(range(miss_n), m)):
                 base[idx] = fresh[j]
             prompts.append(P.build(base))
-        got = measure(prompts, names)
+        got = measure(f"miss {m}/{miss_n}", prompts, names)
         add_rows(f"{args.miss_shape}-miss{m}", miss_n, miss_t, got, names, missing=m)
         print(f"[bench] miss {m}/{miss_n} ({time.time() - t_all:.0f} s): " + ", ".join(
             f"{k} {rounded_median(v)} ms" for k, v in got["times"].items()), flush=True)

@@ -458,9 +458,12 @@ class BlendWorker:
         st.blended_tokens += sum(int(s.token_ids.numel()) - s.num_probes for s in seqs)
         st.recomputed_tokens += sum(int(x.numel()) for x in out.selected)
         st.blend_ms += (time.perf_counter() - t0) * 1e3
-        log.debug("blended %d request(s), %d tokens, %d recomputed, %.1f ms host", len(requests),
+        log.debug("blended %d request(s), %d tokens, %d recomputed, chunks %d found of %d "
+                  "(%d computed), fetch %.1f ms, %.1f ms host", len(requests),
                   sum(int(s.token_ids.numel()) for s in seqs),
-                  sum(int(x.numel()) for x in out.selected), (time.perf_counter() - t0) * 1e3)
+                  sum(int(x.numel()) for x in out.selected),
+                  sum(v is not None for v in found.values()), len(found), len(computed),
+                  fetch_ms, (time.perf_counter() - t0) * 1e3)
         if trace is None:
             return None
         trace.timings_ms["fetch"] = fetch_ms
