@@ -39,8 +39,8 @@ perturbations delta, KL(p || q) is about 1/2 Var_p(delta).
 What bf16 costs: a bug that moves the answer distribution by less than bf16 rounding
 does cannot be told from rounding: a mask fault on the attention sink or on one
 chunk-middle token moves the first answer token by less than that (offline fp32
-figures in bench/notes/history.md). fp32 runs (the CPU tests) catch such faults; a bf16 run catches those above KL_MAX (`blend/faults.py`,
-tests/test_verify_model.py).
+figures in bench/notes/history.md). fp32 runs (the CPU tests) catch such faults; a
+bf16 run catches those above KL_MAX (`blend/faults.py`, tests/test_verify_model.py).
 """
 
 from __future__ import annotations

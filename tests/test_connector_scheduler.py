@@ -82,6 +82,17 @@ def alloc_and_meta(conn, request, num_external: int, num_local: int = 0):
     return conn.build_connector_meta(new_req_output(request, BLOCKS, done, PROMPT_LEN - done))
 
 
+def planned(make, prompt):
+    """A connector and a request it planned to blend (warm store, claimed, allocated), not
+    yet in any scheduler output."""
+    conn = make()
+    store_spans(conn, prompt)
+    r = create_request(prompt, SPANS)
+    claim(conn, r)
+    conn.update_state_after_alloc(r, no_blocks(), 80)
+    return conn, r
+
+
 def report(conn, request) -> dict | None:
     delay_free, params = conn.request_finished(request, BLOCKS)
     assert delay_free is False  # nothing is sent from the request's blocks after it ends
@@ -314,11 +325,7 @@ def test_a_context_wholly_prefix_cached_claims_nothing_but_is_reported(make, pro
 
 # ------------------------------------------------------------------ scheduling edge cases
 def test_a_planned_request_not_scheduled_is_dropped(make, prompt):
-    conn = make()
-    store_spans(conn, prompt)
-    r = create_request(prompt, SPANS)
-    claim(conn, r)
-    conn.update_state_after_alloc(r, no_blocks(), 80)
+    conn, r = planned(make, prompt)
     from vllm.v1.core.sched.output import SchedulerOutput
 
     assert conn.build_connector_meta(SchedulerOutput.make_empty()).requests == []
@@ -327,11 +334,7 @@ def test_a_planned_request_not_scheduled_is_dropped(make, prompt):
 
 
 def test_a_resumed_request_is_blended_into_its_new_block_table(make, prompt):
-    conn = make()
-    store_spans(conn, prompt)
-    r = create_request(prompt, SPANS)
-    claim(conn, r)
-    conn.update_state_after_alloc(r, no_blocks(), 80)
+    conn, r = planned(make, prompt)
     table = [20, 21, 22, 23, 24, 25, 26]
     meta = conn.build_connector_meta(cached_req_output(r.request_id, 80, 20, table, resumed=True))
     assert meta.requests[0].block_ids == table

@@ -81,15 +81,13 @@ class ChunkSaver:
             if key in self._pending:
                 return True
             deadline = time.monotonic() + wait_s
-            while self._bytes and self._bytes + n > self.max_pending:
+            while self._bytes + n > self.max_pending and not (wait_s > 0 and not self._bytes):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    break
+                    self.stats.dropped += 1
+                    return False
                 self.stats.waits += 1
                 self._room.wait(left)
-            if self._bytes + n > self.max_pending and (wait_s <= 0 or self._bytes):
-                self.stats.dropped += 1
-                return False
             self._pending[key] = kv
             self._bytes += n
             self.stats.submitted += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,6 @@ from blend.blender import Blender, BlendSeq, BlendTrace
 from blend.chunk_kv import compute_chunk_kv
 from blend.chunk_loader import ChunkSource, LayerLoad, Piece, source_for
 from blend.config import BlendConfig
-from blend.connector.extra_config import DEFAULT_SAVE_PENDING_BYTES
 from blend.connector.guards import check_block_size, check_kv_dtype
 from blend.connector.identity import vllm_identity
 from blend.connector.kv_layout import layer_views, probe_cpu_layout
@@ -189,8 +189,7 @@ class BlendWorker:
         gpu_bytes = resolve_gpu_bytes(parse(self.extra.get("store"))["gpu_bytes"],
                                       torch.device(adapter.device))
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
-        self.saver = ChunkSaver(self.store, self.extra.get("save_pending_bytes",
-                                                          DEFAULT_SAVE_PENDING_BYTES))
+        self.saver = ChunkSaver(self.store, self.extra["save_pending_bytes"])  # checked at start
         if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
             self._warm_up()
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
@@ -456,14 +455,15 @@ class BlendWorker:
         st = self.stats
         st.blended_requests += len(requests)
         st.blended_tokens += sum(int(s.token_ids.numel()) - s.num_probes for s in seqs)
-        st.recomputed_tokens += sum(int(x.numel()) for x in out.selected)
+        recomputed = sum(int(x.numel()) for x in out.selected)
+        st.recomputed_tokens += recomputed
         st.blend_ms += (time.perf_counter() - t0) * 1e3
-        log.debug("blended %d request(s), %d tokens, %d recomputed, chunks %d found of %d "
-                  "(%d computed), fetch %.1f ms, %.1f ms host", len(requests),
-                  sum(int(s.token_ids.numel()) for s in seqs),
-                  sum(int(x.numel()) for x in out.selected),
-                  sum(v is not None for v in found.values()), len(found), len(computed),
-                  fetch_ms, (time.perf_counter() - t0) * 1e3)
+        if log.isEnabledFor(logging.DEBUG):  # off the hot path unless asked for
+            log.debug("blended %d request(s), %d tokens, %d recomputed, chunks %d found of %d "
+                      "(%d computed), fetch %.1f ms, %.1f ms host", len(requests),
+                      sum(int(s.token_ids.numel()) for s in seqs), recomputed,
+                      sum(v is not None for v in found.values()), len(found), len(computed),
+                      fetch_ms, (time.perf_counter() - t0) * 1e3)
         if trace is None:
             return None
         trace.timings_ms["fetch"] = fetch_ms
