@@ -56,6 +56,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench import worker_log
 from bench.common import LLAMA3_8B, child_env, home, python_m, rounded_median, topic_words, topics
 
 MARK = "@@BENCH "
@@ -508,7 +509,7 @@ def main() -> None:
                     if k != "plain":
                         hits[k].append(r["hit"][0])
         return {"times": times, "hits": hits, "prompt_tokens": len(ids),
-                "context_tokens": spans[-1][1]}
+                "context_tokens": spans[-1][1], "label": label}
 
     def add_rows(name: str, c: int, t: int, got: dict, names: list[str], **extra) -> None:
         for k in names:
@@ -523,7 +524,8 @@ def main() -> None:
                          "speedup": round(pm / bm, 2),
                          "plain_runs_ms": [round(x, 1) for x in got["times"]["plain"]],
                          "blend_runs_ms": [round(x, 1) for x in got["times"][k]],
-                         "chunk_hit_rate": min(got["hits"][k]), **extra})
+                         "chunk_hit_rate": min(got["hits"][k]), "log_label": got["label"],
+                         **extra})
 
     rows: list[dict] = []
     for name, (c, t) in sets.items():
@@ -568,6 +570,10 @@ def main() -> None:
             conc[f"speedup_{tier}"] = round(conc[f"{tier}_tok_s"] / conc["plain_tok_s"], 2)
     for e in engines.values():
         e.close()
+    log.flush()
+    blend_log = worker_log.summaries(log.name, args.warmup)
+    for r in rows:  # what each row's kept runs recomputed and found, from the engines' lines
+        r["blend_log"] = blend_log.get((r.pop("log_label"), f"{r['tier']}:{r['selection']}"))
 
     breakdown: dict = {"source": "trace_dir timings_ms (medians per request) and the torch "
                        "profiler, host tier, one in-process engine (VLLM_ENABLE_V1_"
@@ -633,6 +639,10 @@ def main() -> None:
         print(f"{r['set']:>14} {r['chunks']:>6} {r['context_tokens']:>8} {r['tier']:>5} "
               f"{r['selection']:>9} {r['plain_ms']:>9} {r['blend_ms']:>9} {r['speedup']:>8} "
               f"{r['chunk_hit_rate']:>5.2f} {'' if fixed is None else fixed:>8}")
+    for r in rows:
+        if r.get("blend_log"):
+            print(f"blend log {r['set']} {r['tier']}:{r['selection']}: " + ", ".join(
+                f"{k} {v}" for k, v in r["blend_log"].items()))
     if "prompt_tokens" in conc:
         print(f"concurrent ({args.concurrent} requests, {conc['prompt_tokens']} prompt tokens): "
               + ", ".join(f"{k} {conc[f'{k}_tok_s']} tok/s" for k in engines))

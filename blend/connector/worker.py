@@ -52,6 +52,9 @@ log = get_logger("Connector")
 # full-recompute layers' activations and the device copies of host chunks scale with it.
 MAX_RUN_TOKENS = 32768
 MUST_SAVE_WAIT_S = 300.0  # how long an on_miss="compute" save waits for the writer
+# The per-blend DEBUG line; `bench/worker_log.py` parses it out of a bench's engine log.
+BLEND_LINE = ("blended %d request(s), %d tokens, %d recomputed, chunks %d found of %d "
+              "(%d computed), fetch %.1f ms, %.1f ms host")
 
 
 @contextlib.contextmanager
@@ -459,8 +462,7 @@ class BlendWorker:
         st.recomputed_tokens += recomputed
         st.blend_ms += (time.perf_counter() - t0) * 1e3
         if log.isEnabledFor(logging.DEBUG):  # off the hot path unless asked for
-            log.debug("blended %d request(s), %d tokens, %d recomputed, chunks %d found of %d "
-                      "(%d computed), fetch %.1f ms, %.1f ms host", len(requests),
+            log.debug(BLEND_LINE, len(requests),
                       sum(int(s.token_ids.numel()) for s in seqs), recomputed,
                       sum(v is not None for v in found.values()), len(found), len(computed),
                       fetch_ms, (time.perf_counter() - t0) * 1e3)
