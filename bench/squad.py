@@ -31,7 +31,11 @@ def load_squad_dev() -> dict:
                                    "--no-binary", ":all:", "-d", str(dl), "bigbench==1.0.0"],
                                   capture_output=True, text=True)
             if proc.returncode != 0 or not sdist.exists():
-                raise AssetError(f"could not download the bigbench sdist: {proc.stderr[-500:]}")
+                # Since 2026-12-07 the package index lists bigbench 1.0.0 without its files.
+                raise AssetError(
+                    f"could not download the bigbench==1.0.0 sdist (SQuAD v1.1 dev): "
+                    f"{proc.stderr.strip()[-300:]}; place squaddev_v1.1.json at {out} or "
+                    f"its xz copy at .gpu_data/squaddev_v1.1.json.xz (bench/quality_gpu.py)")
         out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(sdist) as tf:
             name = next(m for m in tf.getnames() if m.endswith(MEMBER))

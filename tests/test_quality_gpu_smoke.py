@@ -1,7 +1,8 @@
 """The quality benchmark's CPU smoke mode (`python -m bench.quality_gpu --smoke`), so the GPU
 run cannot rot.
 
-One vLLM engine with the connector on SmolLM2 (fp32, eager), both tasks, both splits, tiny n
+One vLLM engine with the connector on SmolLM2 (fp32, eager), both tasks (notes2hop alone where
+the SQuAD dev set cannot be had: its one test then skips, saying why), both splits, tiny n
 and short contexts (a few minutes on 2 cores). It measures nothing about quality at scale: it
 checks the results' JSON shape, that the hybrid row was chosen on the tune split, that compute
 is what the connector measured (ordered as the settings are), and, from the per-question
@@ -27,17 +28,34 @@ N, N_TUNE = 4, 3  # questions per task on heldout and on tune (the smoke profile
 HELDOUT_ROWS = {"full", "reuse", "deviation", "hybrid", "cheap"}  # docs/quality_gpu.md
 
 
+def _squad_missing() -> str | None:
+    """Why the SQuAD dev set cannot be had here, or None. The package index stopped serving
+    the bigbench 1.0.0 sdist on 2026-12-07; where the JSON is cached or carried, it runs."""
+    from bench.quality_gpu import load_squad
+    from blend.assets import AssetError
+
+    try:
+        load_squad()
+    except AssetError as exc:
+        return str(exc)
+    return None
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, child_env, smollm2_path) -> dict:
     out, state = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("state")
+    missing = _squad_missing()
+    tasks = ["notes2hop"] if missing else ["squad", "notes2hop"]
     cmd = [sys.executable, "-m", "bench.quality_gpu", "--smoke", "--n", str(N), "--n-tune",
-           str(N_TUNE), "--out", str(out), "--state", str(state), "--budget-s", "1500"]
+           str(N_TUNE), "--out", str(out), "--state", str(state), "--budget-s", "1500",
+           "--tasks", ",".join(tasks)]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True,
                           timeout=1800)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every planned run is done" in proc.stdout
-    return {"out": out, "state": state, "doc": json.loads((out / "quality_gpu.json").read_text())}
+    return {"out": out, "state": state, "tasks": tasks, "squad_missing": missing,
+            "doc": json.loads((out / "quality_gpu.json").read_text())}
 
 
 def _answers(row: dict) -> dict:
@@ -48,7 +66,7 @@ def _answers(row: dict) -> dict:
 def test_json_has_the_issue_shape(smoke):
     doc = smoke["doc"]
     assert doc["model"] == "SmolLM2-135M-Instruct" and doc["complete"]
-    assert set(doc["tasks"]) == {"squad", "notes2hop", "squad@tune", "notes2hop@tune"}
+    assert set(doc["tasks"]) == {*smoke["tasks"], *(f"{t}@tune" for t in smoke["tasks"])}
     hybrids = doc["hybrids"]
     assert len(hybrids) >= 2 and all(m["selection"] == "hybrid" for m in hybrids.values())
     for name, t in doc["tasks"].items():
@@ -87,7 +105,7 @@ def test_compute_is_measured_by_the_connector(smoke):
 
 def test_hybrid_was_chosen_on_tune(smoke):
     hybrids = smoke["doc"]["hybrids"]
-    for task in ("squad", "notes2hop"):
+    for task in smoke["tasks"]:
         row = smoke["doc"]["tasks"][task]["rows"]["hybrid"]
         tune = smoke["doc"]["tasks"][f"{task}@tune"]["rows"]
         cands = {k: v for k, v in tune.items() if k in hybrids}
@@ -114,6 +132,8 @@ def test_full_prefill_f1_is_scored_against_gold(smoke):
     gold answers of each question id: the JSON's F1 and EM must be that. Not every answer may
     score 0 against a wrong gold list (a model that says nothing would), tune and heldout
     questions come from disjoint articles, and every row answered the same questions."""
+    if smoke["squad_missing"]:
+        pytest.skip(f"no SQuAD dev set here: {smoke['squad_missing']}")
     tasks = smoke["doc"]["tasks"]
     dev = _squad_dev()
     full = _answers(tasks["squad"]["rows"]["full"])
