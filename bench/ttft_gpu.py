@@ -89,7 +89,7 @@ def timed(fn, device: str, reps: int, warmup: int = 1) -> list[float]:
 
 
 def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
-                profile_dir: Path | None) -> dict:
+                profile_dir: Path | None, chunks: int = CHUNKS) -> dict:
     a = adapter_for(model)
     blender = Blender(a, BlendConfig(recomp_ratio=0.15, check_layers=(1,),
                                      attention_backend="triton" if device == "cuda" else "torch"))
@@ -101,10 +101,10 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     kv = PagedKV.like(a, total, bs)
     row = kv.allocate(total)
     slots = slots_for(row, torch.arange(ctx), bs)  # host int64, as the connector plans them
-    clen = ctx // CHUNKS
+    clen = ctx // chunks  # the same context in more, shorter chunks: what grows per chunk
     shape = (a.num_layers, 2, clen, a.num_kv_heads, a.head_dim)
     host_chunks = []
-    for _ in range(CHUNKS):
+    for _ in range(chunks):
         h = torch.empty(shape, dtype=a.dtype, pin_memory=device == "cuda")
         h.copy_(torch.randn(shape, dtype=torch.float32, generator=gen).to(a.dtype)
                 if device != "cuda" else torch.randn(shape, device=device, dtype=a.dtype).cpu())
@@ -181,7 +181,7 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     got = blended(r1)[-1].float()
     inv_err = ((got - ref).norm() / ref.norm()).item()
     res = {
-        "ctx": ctx, "question": QUESTION, "chunks": CHUNKS,
+        "ctx": ctx, "question": QUESTION, "chunks": chunks,
         "layout": "paged16" if block_size == 16 else ("contiguous" if block_size is None
                                                       else f"paged{block_size}"),
         "full_ms": statistics.median(t_full), "blend_ms": statistics.median(t_blend),
@@ -204,7 +204,7 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
             blended()
             sync(device)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-        (profile_dir / f"ttft_profile_{ctx}_{res['layout']}.txt").write_text(table)
+        (profile_dir / f"ttft_profile_{ctx}_{chunks}_{res['layout']}.txt").write_text(table)
         res["profile_top"] = [
             {"name": e.key[:80], "cuda_ms": e.device_time_total / 1e3, "calls": e.count}
             for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a toy model")
     ap.add_argument("--profile-dir", default=None)
+    ap.add_argument("--chunks", type=int, nargs="*", default=[CHUNKS],
+                    help="chunk counts per context (issue 23: 8 vs 16 and 32 at equal context)")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     model = llama3_8b(args.layers, args.tiny, device)
@@ -227,11 +229,11 @@ def main() -> None:
     results = []
     with torch.inference_mode():
         for ctx in args.ctx:
-            for lay in args.layouts:
+            for lay, n in ((lay, n) for lay in args.layouts for n in args.chunks):
                 r = run_context(model, ctx, None if lay == "contiguous" else int(lay[5:]),
-                                args.reps, device, prof)
+                                args.reps, device, prof, n)
                 results.append(r)
-                print(f"ctx {ctx:>6d} {r['layout']:10s} full {r['full_ms']:8.1f} ms  "
+                print(f"ctx {ctx:>6d} x{n:<3d} {r['layout']:10s} full {r['full_ms']:8.1f} ms  "
                       f"blend {r['blend_ms']:7.1f} ms  speedup {r['speedup']:.2f}x  "
                       f"load(h2d) {r['h2d_copy_ms']:.1f} ms ({r['h2d_gbps']:.0f} GB/s)  "
                       f"load+fuse+rot {r['load_plus_fuse_rerotate_ms']:.1f} ms  "
