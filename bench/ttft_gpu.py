@@ -197,6 +197,20 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
         "ratio1_vs_full_last_logits_rel_err": inv_err,
         "raw_ms": {"full": t_full, "blend": t_blend, "ctx": t_ctx, "two_pass": t_two, "load": t_load, "copy": t_copy},
     }
+    if profile_dir is not None:  # where the blend's host time goes (it bounds TTFT at 8k)
+        import cProfile
+        import io
+        import pstats
+
+        sync(device)
+        pr = cProfile.Profile()
+        pr.enable()
+        blended()
+        pr.disable()
+        sync(device)
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+        (profile_dir / f"host_profile_{ctx}_{chunks}.txt").write_text(buf.getvalue())
     if profile_dir is not None and device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
