@@ -50,7 +50,10 @@ def _from_source(dl: Path, req: str, opts: list[str], fname: str, suffix: str,
                                *opts, "-d", str(dl), req], capture_output=True, text=True)
         if proc.returncode != 0 or not archive.exists():
             raise AssetError(f"{req}: {proc.stderr.strip()[-300:]}")
-    data = _member(archive, suffix)
+    try:
+        data = _member(archive, suffix)
+    except (OSError, KeyError, StopIteration, zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise AssetError(f"{req}: {archive.name} has no readable {suffix} ({exc!r})") from exc
     if sha is not None and hashlib.sha256(data).hexdigest() != sha:
         raise AssetError(f"{req}: {suffix} has sha256 {hashlib.sha256(data).hexdigest()}, "
                          f"expected {sha}")

@@ -19,6 +19,7 @@ Medians over repeats, host clock around synchronized regions.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -243,7 +244,7 @@ def main() -> None:
     results = []
     with torch.inference_mode():
         for ctx in args.ctx:
-            for lay, n in ((lay, n) for lay in args.layouts for n in args.chunks):
+            for lay, n in itertools.product(args.layouts, args.chunks):
                 r = run_context(model, ctx, None if lay == "contiguous" else int(lay[5:]),
                                 args.reps, device, prof, n)
                 results.append(r)

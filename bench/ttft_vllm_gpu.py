@@ -499,7 +499,7 @@ def main() -> None:
         for i, (ids, spans) in enumerate(prompts):
             for k in ["plain", *names]:
                 tier, sel = k.split(":") if k != "plain" else ("plain", "deviation")
-                log.write(f"[bench] {label} run {i} {k}\n")  # the engines' lines that follow
+                log.write(worker_log.marker(label, i, k))  # the engines' lines that follow
                 r = engines[tier].call(op="run", prompts=[[ids, spans]], meta=meta_of(sel))
                 if k != "plain" and (not r["reports"] or r["local"][0] >= spans[-1][1] - 16):
                     print(f"[bench] warning: {k} run {i}: reports={r['reports']} "

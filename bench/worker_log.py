@@ -21,6 +21,11 @@ FIELDS = ("requests", "tokens", "recomputed", "found", "chunks", "computed", "fe
 MARK = re.compile(r"\[bench\] (?P<label>.+) run (?P<run>\d+) (?P<variant>\S+)$")
 
 
+def marker(label: str, run: int, variant: str) -> str:
+    """The log line the bench writes before a run's call; `MARK` reads it back."""
+    return f"[bench] {label} run {run} {variant}\n"
+
+
 def _line_regex(fmt: str) -> re.Pattern:
     parts = re.split(r"(%d|%\.1f)", fmt)
     out = "".join(r"(\d+)" if p == "%d" else r"([\d.]+)" if p == "%.1f" else re.escape(p)

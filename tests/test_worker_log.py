@@ -8,13 +8,14 @@ from bench import worker_log
 from blend.connector.worker import BLEND_LINE
 from blend.log import get_logger
 
+FMT = logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%H:%M:%S")  # blend/log.py's
+
 
 def _line(tier: str, *vals) -> str:
     """A line as the bench's log holds it: engine tag, the blend logger's format."""
     rec = logging.LogRecord("blend.connector", logging.DEBUG, __file__, 0,
                             "[Blend.Connector] " + BLEND_LINE, vals, None)
-    fmt = logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%H:%M:%S")
-    return f"[{tier}] {fmt.format(rec)}\n"
+    return f"[{tier}] {FMT.format(rec)}\n"
 
 
 def test_runs_pair_with_markers_and_warmups_are_left_out():
@@ -48,13 +49,13 @@ def test_the_worker_logger_writes_what_the_parser_reads(tmp_path, monkeypatch):
     path = tmp_path / "workers.log"
     log = get_logger("Connector")
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(FMT)
     base = logging.getLogger("blend")
     monkeypatch.setattr(base, "level", logging.DEBUG)
     base.addHandler(handler)
     try:
         with open(path, "a") as f:
-            f.write("[bench] 32x1000 run 4 gpu:cheap\n")
+            f.write(worker_log.marker("32x1000", 4, "gpu:cheap"))
         log.debug(BLEND_LINE, 1, 32088, 1411, 30, 32, 2, 3.25, 12.0)
     finally:
         base.removeHandler(handler)
