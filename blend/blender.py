@@ -33,11 +33,15 @@ from blend.config import BlendConfig
 from blend.faults import active as active_fault
 from blend.faults import fault_rows
 from blend.kv import slots_for
+from blend.layer_graphs import BUCKETS, LayerGraphs
+from blend.log import get_logger
 from blend.models.base import ModelAdapter
 from blend.ops import BlendOps, get_ops
 from blend.run_plan import RunPlan, plan_run
 from blend.selection import combine, per_token, query_mass
 from blend.triton_kernels.paged import to_device
+
+logger = get_logger("Blender")
 
 
 @dataclass
@@ -123,13 +127,31 @@ class Blender:
         self.ops = ops or get_ops(self.config.attention_backend, adapter.device)
         self._cos_sin: torch.Tensor | None = None
         self.fault = active_fault()  # test-only (blend/faults.py); None in production
+        self.graphs: LayerGraphs | None = None  # `use_graphs`: the steady layers' CUDA graphs
 
     def with_config(self, config: BlendConfig) -> Blender:
-        """Same model and ops, other knobs (cheap: shares the RoPE table)."""
+        """Same model and ops, other knobs (cheap: shares the RoPE table and the graphs)."""
         other = Blender(self.adapter, config, self.ops)
         other._cos_sin = self._cos_sin
         other.fault = self.fault
+        other.graphs = self.graphs if config.cuda_graphs else None
         return other
+
+    def use_graphs(self, kv, max_blocks: int, buckets: Sequence[int] = BUCKETS
+                   ) -> LayerGraphs | None:
+        """Replay the steady layers of blends over `kv` from CUDA graphs (config `cuda_graphs`;
+        captured lazily per bucket, or all at once by `capture_all`). Off CUDA the same
+        static-input path runs eagerly (tests). None, logged, where they cannot run."""
+        if not self.config.cuda_graphs:
+            return None
+        why = ("the triton backend only" if self.ops.name != "triton" else
+               "one TP rank only" if getattr(self.adapter, "tp_size", 1) != 1 else None)
+        if why is not None:
+            logger.warning("cuda_graphs: %s (backend %s); the blend runs eagerly", why,
+                           self.ops.name)
+            return None
+        self.graphs = LayerGraphs(self.adapter, self.ops, kv, max_blocks, buckets)
+        return self.graphs
 
     def delta_table(self, max_delta: int) -> torch.Tensor:
         """Pure cos/sin rotation table for re-rotating chunks by up to `max_delta` positions."""
@@ -220,7 +242,21 @@ class Blender:
         adapter, ops, last = self.adapter, self.ops, self.adapter.num_layers - 1
         hidden = adapter.embed(rows.ids)
         q_pos = rows.pos.to(torch.int32)
+        graphs = (self.graphs if self.graphs is not None and self.graphs.kv is kv
+                  and rows.fault is None else None)
+        steady, run = (plan.last_check + 1 if plan.takes else 0), None
         for layer in range(adapter.num_layers):
+            if graphs is not None and layer == steady and layer < last:
+                run = graphs.start(hidden, rows.rope_pos(), q_pos, rows.slots,
+                                   plan.phase_cu[rows.phase], rows.block_table, plan.seq_lens)
+            if run is not None and layer < last:  # same rows up to the last layer: replays
+                hooks(layer)
+                graphs.replay(run, layer)
+                if trace is not None:
+                    trace.count(plan.context_rows[rows.phase])
+                if layer == last - 1:
+                    hidden = run.output()
+                continue
             hooks(layer)
             k_cache, v_cache = kv.layer(layer)
             q, k, v, hidden = adapter.qkv(layer, hidden, rows.rope_pos())

@@ -36,6 +36,9 @@ class BlendConfig:
                    normalized and summed), cheap (no full-token check layer).
     query_weight:  hybrid only: weight of the query term against deviation.
     attention_backend: auto (triton on CUDA, torch otherwise), torch, triton, flash.
+    cuda_graphs:   replay the layers after the last check layer as CUDA graphs, one per
+                   layer and row bucket (`blend/layer_graphs.py`); triton backend, CUDA,
+                   one TP rank. Off by default until measured on the GPU.
     """
 
     recomp_ratio: float = 0.15
@@ -46,6 +49,7 @@ class BlendConfig:
     attention_backend: str = "auto"
     selection: str = "deviation"
     query_weight: float = 0.5
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _ratio("recomp_ratio", self.recomp_ratio)
@@ -83,6 +87,8 @@ class BlendConfig:
         if isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float)) \
                 or not math.isfinite(self.query_weight) or self.query_weight < 0:
             raise BlendConfigError(f"query_weight: {self.query_weight!r} must be a number >= 0")
+        if not isinstance(self.cuda_graphs, bool):
+            raise BlendConfigError(f"cuda_graphs: {self.cuda_graphs!r} must be true or false")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise BlendConfigError(
                 f"attention_backend: {self.attention_backend!r} not in {ATTENTION_BACKENDS}")

@@ -21,6 +21,7 @@ from blend.config import BlendConfig, BlendConfigError, num_recompute
     ({"deviation": "cosine"}, "deviation: 'cosine' not in"),
     ({"sink_tokens": -1}, "sink_tokens"),
     ({"attention_backend": "xformers"}, "attention_backend"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs"),
     ({"recomp_raito": 0.1}, "unknown key(s) ['recomp_raito']; allowed:"),
 ])
 def test_bad_config_names_key_and_range(meta, needle):

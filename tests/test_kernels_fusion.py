@@ -40,6 +40,24 @@ def test_cast_and_empty():
     run_case(2, 64, torch.float16, torch.float16, lens=[19], nsel=[0], block_size=4)
 
 
+@pytest.mark.parametrize("fuse", [fuse_kv, fuse_kv_ref])
+def test_negative_slots_write_nowhere(fuse):
+    """Padding rows (the CUDA-graph buckets) carry slot -1: the cache keeps its values, and
+    the real rows around them land where they belong."""
+    gen = torch.Generator().manual_seed(3)
+    kc, vc, table = paged_cache([37], 8, 2, 64, torch.bfloat16, DEV, False, gen=gen)
+    slots = slots_of(table, 8, 0, torch.tensor([0, 5, 9, 36]))
+    padded = torch.cat([slots[:2], torch.full((3,), -1, device=slots.device), slots[2:],
+                        torch.full((2,), -1, device=slots.device)])
+    kv = torch.randn(padded.numel(), 2, 2, 64, generator=gen).to(torch.bfloat16).to(DEV)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    real = padded >= 0
+    fuse_kv_ref(k_ref, v_ref, slots, kv[real, 0], kv[real, 1])
+    fuse(kc, vc, padded, kv[:, 0], kv[:, 1])
+    torch.testing.assert_close(kc, k_ref, rtol=0, atol=0)
+    torch.testing.assert_close(vc, v_ref, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads_first", [False, True])
 def test_gpu_realistic(heads_first):

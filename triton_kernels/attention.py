@@ -275,8 +275,9 @@ def _combine_kernel(Out, WS_M, WS_ACC, nq, num_splits, s_ot, s_oh, s_od,
 _SM_COUNT: dict[int, int] = {}
 
 
-def _num_splits(device: torch.device, programs: int, seq_lens) -> int:
-    """Split the keys only when the tiles alone cannot fill the GPU (e.g. a short question)."""
+def num_splits_for(device: torch.device, programs: int, seq_lens=None) -> int:
+    """Split the keys only when the tiles alone cannot fill the GPU (e.g. a short question);
+    host `seq_lens` cap it (no split below ~512 keys each), device ones or None do not."""
     if device.type != "cuda":
         return 1
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -286,7 +287,7 @@ def _num_splits(device: torch.device, programs: int, seq_lens) -> int:
     if programs >= sms:
         return 1
     splits = min(16, -(-2 * sms // programs))
-    if not isinstance(seq_lens, torch.Tensor):  # host lengths: no split below ~512 keys each
+    if seq_lens is not None and not isinstance(seq_lens, torch.Tensor):
         splits = min(splits, max(1, max(seq_lens, default=0) // 512))
     return max(1, splits)
 
@@ -377,7 +378,7 @@ def selected_attention(
     cu_q_t = to_device(cu_q, dev)
     seq_t = to_device(seq_lens, dev)
     programs = (nq // tok + nreq) * hkv
-    splits = 1 if prefix is not None else num_splits or _num_splits(dev, programs, seq_lens)
+    splits = 1 if prefix is not None else num_splits or num_splits_for(dev, programs, seq_lens)
     d_pad = triton.next_power_of_2(dim)
     if splits > 1:
         ws_m = torch.empty((splits, nq, hq, 2), dtype=torch.float32, device=dev)

@@ -16,7 +16,12 @@ def fuse_kv_ref(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
 ) -> None:
-    """`cache[slot[i]] = new[i]` for K and V; `new` is `[N, H, D]`, caches `[NB, BS, H, D]`."""
+    """`cache[slot[i]] = new[i]` for K and V; `new` is `[N, H, D]`, caches `[NB, BS, H, D]`.
+    A negative slot writes nowhere (padding rows, as vLLM's slot -1; the reference's filter
+    syncs a CUDA device, the kernel's does not)."""
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k_new, v_new = slots[keep], k_new[keep], v_new[keep]
     if slots.numel() == 0:
         return
     blk, off = split_slots(slots, k_cache.shape[1])
@@ -35,7 +40,9 @@ def _fuse_kv_kernel(
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < n
-    slot = tl.load(SLOTS + t, mask=t_ok, other=0).to(tl.int64)
+    slot = tl.load(SLOTS + t, mask=t_ok, other=-1).to(tl.int64)
+    t_ok = t_ok & (slot >= 0)  # a negative slot (padding) writes nowhere
+    slot = tl.maximum(slot, 0)
     blk = slot // block_size
     off = slot % block_size
     e = tl.arange(0, HD_PAD)  # (head, dim) flattened
@@ -58,7 +65,8 @@ def fuse_kv(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
 ) -> None:
-    """Triton version of `fuse_kv_ref`: `cache[slot[i]] = new[i]`, in place, no sync."""
+    """Triton version of `fuse_kv_ref`: `cache[slot[i]] = new[i]`, in place, no sync; a
+    negative slot writes nowhere."""
     n = slots.numel()
     if n == 0:
         return
