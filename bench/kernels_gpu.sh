@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw -
 python3 -c "import xformers.ops" >>"$OUT/env.txt" 2>&1; echo "xformers import rc=$?" >>"$OUT/env.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_deviation.py \
-    tests/test_kernels_rope.py tests/test_kernels_fusion.py 2>&1 | tee "$OUT/kernels_gpu_tests.txt" | tail -5
+    tests/test_kernels_rope.py tests/test_kernels_fusion.py tests/test_layer_graphs.py 2>&1 | tee "$OUT/kernels_gpu_tests.txt" | tail -5
 fi
 if [ -z "${SKIP_KERNELS:-}" ]; then
   python3 -m bench.kernels --out "$OUT/kernels.json" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels_bench.txt"

@@ -90,7 +90,7 @@ def timed(fn, device: str, reps: int, warmup: int = 1) -> list[float]:
 
 
 def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
-                profile_dir: Path | None, chunks: int = CHUNKS) -> dict:
+                profile_dir: Path | None, chunks: int = CHUNKS, graphs: bool = False) -> dict:
     a = adapter_for(model)
     blender = Blender(a, BlendConfig(recomp_ratio=0.15, check_layers=(1,),
                                      attention_backend="triton" if device == "cuda" else "torch"))
@@ -181,8 +181,10 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     ref = full()[0, -1].float()
     got = blended(r1)[-1].float()
     inv_err = ((got - ref).norm() / ref.norm()).item()
+    extra = graph_rows(blender, kv, int(row.numel()), blended, timed, reps, device) if graphs \
+        else {}
     res = {
-        "ctx": ctx, "question": QUESTION, "chunks": chunks,
+        "ctx": ctx, "question": QUESTION, "chunks": chunks, **extra,
         "layout": "paged16" if block_size == 16 else ("contiguous" if block_size is None
                                                       else f"paged{block_size}"),
         "full_ms": statistics.median(t_full), "blend_ms": statistics.median(t_blend),
@@ -226,6 +228,36 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     return res
 
 
+def graph_rows(blender: Blender, kv: PagedKV, max_blocks: int, blended, timed, reps: int,
+               device: str) -> dict:
+    """The same blend with the steady layers as CUDA graphs (`cuda_graphs`), interleaved
+    with the eager one: times, host enqueue and how far its logits are from eager's."""
+    from dataclasses import replace
+
+    g = blender.with_config(replace(blender.config, cuda_graphs=True))
+    graphs = g.use_graphs(kv, max_blocks)
+    if graphs is None:
+        return {"graphs": {"skipped": f"backend {g.ops.name}: graphs need triton"}}
+    graphs.capture_all()
+    eager_logits, graph_logits = blended().float(), blended(g).float()
+    t_eager, t_graph = [], []
+    for _ in range(reps):  # interleaved: the host's speed drifts between calls
+        t_eager += timed(blended, device, 1, warmup=0)
+        t_graph += timed(lambda: blended(g), device, 1, warmup=0)
+    sync(device)
+    t = time.perf_counter()
+    blended(g)
+    host_ms = (time.perf_counter() - t) * 1e3
+    sync(device)
+    return {"graphs": {
+        "eager_ms": statistics.median(t_eager), "graphs_ms": statistics.median(t_graph),
+        "gain": statistics.median(t_eager) / statistics.median(t_graph),
+        "host_enqueue_ms": host_ms, "replays": graphs.replays,
+        "vs_eager_logits_rel_err": ((graph_logits - eager_logits).norm()
+                                    / eager_logits.norm()).item(),
+        "raw_ms": {"eager": t_eager, "graphs": t_graph}}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ttft_gpu.json"))
@@ -237,6 +269,8 @@ def main() -> None:
     ap.add_argument("--profile-dir", default=None)
     ap.add_argument("--chunks", type=int, nargs="*", default=[CHUNKS],
                     help="chunk counts per context (issue 23: 8 vs 16 and 32 at equal context)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time the blend with its steady layers as CUDA graphs")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     model = llama3_8b(args.layers, args.tiny, device)
@@ -246,7 +280,7 @@ def main() -> None:
         for ctx in args.ctx:
             for lay, n in itertools.product(args.layouts, args.chunks):
                 r = run_context(model, ctx, None if lay == "contiguous" else int(lay[5:]),
-                                args.reps, device, prof, n)
+                                args.reps, device, prof, n, args.cuda_graphs)
                 results.append(r)
                 print(f"ctx {ctx:>6d} x{n:<3d} {r['layout']:10s} full {r['full_ms']:8.1f} ms  "
                       f"blend {r['blend_ms']:7.1f} ms  speedup {r['speedup']:.2f}x  "
@@ -258,6 +292,11 @@ def main() -> None:
                       f"  syncs {len(r['sync_sites'])}", flush=True)
                 for site in r["sync_sites"]:
                     print("   sync:", site)
+                if "graphs_ms" in r.get("graphs", {}):
+                    g = r["graphs"]
+                    print(f"   graphs: eager {g['eager_ms']:.1f} ms, graphs {g['graphs_ms']:.1f} ms "
+                          f"({g['gain']:.2f}x), host {g['host_enqueue_ms']:.1f} ms, "
+                          f"vs eager {g['vs_eager_logits_rel_err']:.1e}", flush=True)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "model": "Llama-3-8B shape, random bf16 weights",
             "recomp_ratio": 0.15, "check_layers": [1], "layers": args.layers}

@@ -134,7 +134,7 @@ class Blender:
         other = Blender(self.adapter, config, self.ops)
         other._cos_sin = self._cos_sin
         other.fault = self.fault
-        other.graphs = self.graphs if config.cuda_graphs else None
+        other.graphs = self.graphs  # an engine's resource: a request's knobs do not change it
         return other
 
     def use_graphs(self, kv, max_blocks: int, buckets: Sequence[int] = BUCKETS

@@ -18,6 +18,8 @@ from blend.models import adapter_for
 from blend.ops import get_ops
 
 HAS_CUDA = torch.cuda.is_available()
+# The CPU cases run Triton interpreted, which conftest turns on only without a GPU.
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="CPU cases: Triton's interpreter is off with CUDA")
 
 
 def tiny_llama(device: str, dtype: torch.dtype, layers: int = 4, head_dim: int = 16):
@@ -98,6 +100,7 @@ def cpu_model():
     return tiny_llama("cpu", torch.float32, layers=5)
 
 
+@cpu_only
 def test_blend_padded_buckets_match_eager(cpu_model):
     """Two requests padded into a 64-row bucket (39 rows), then one into 32, then two into
     64 again with fewer rows (33): the bucket's inputs refreshed, stale rows past the run."""
@@ -106,6 +109,7 @@ def test_blend_padded_buckets_match_eager(cpu_model):
     assert graphs.replays == 3 * 2  # layers 2 and 3: after the check, before the last
 
 
+@cpu_only
 def test_cheap_and_plain_prefill_start_at_layer_zero(cpu_model):
     cheap = {"selection": "cheap", "recomp_ratio": 0.2, "check_layers": [2], "sink_tokens": 2,
              "attention_backend": "triton"}
@@ -113,11 +117,13 @@ def test_cheap_and_plain_prefill_start_at_layer_zero(cpu_model):
     compare(cpu_model, {"attention_backend": "triton"}, [[21, 17]], buckets=(64,), blend=False)
 
 
+@cpu_only
 def test_runs_over_the_largest_bucket_stay_eager(cpu_model):
     meta = {"recomp_ratio": 1.0, "check_layers": [1], "attention_backend": "triton"}
     compare(cpu_model, meta, [[45, 30]], buckets=(16,), expect_replays=False)
 
 
+@cpu_only
 def test_graphs_need_the_triton_backend(cpu_model):
     a = adapter_for(cpu_model)
     b = Blender(a, BlendConfig(cuda_graphs=True, attention_backend="torch"))

@@ -195,6 +195,7 @@ class BlendWorker:
         self.saver = ChunkSaver(self.store, self.extra["save_pending_bytes"])  # checked at start
         if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
             self._warm_up()
+        self._capture_graphs()
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
                  "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
                  adapter.num_layers, self.block_size, backend, self.blender.ops.name,
@@ -231,6 +232,22 @@ class BlendWorker:
         jit_watch.install()
         jit_watch.arm()
         log.info("warm-up blend: kernels ready in %.1f s", time.perf_counter() - t0)
+
+    def _capture_graphs(self) -> None:
+        """The steady layers' CUDA graphs (`cuda_graphs`), every bucket at start-up against
+        vLLM's own cache, so no request pays a capture."""
+        if not self.config.cuda_graphs:
+            return
+        if torch.device(self.blender.adapter.device).type != "cuda":
+            log.warning("cuda_graphs: needs CUDA; the blend runs eagerly")
+            return
+        t0 = time.perf_counter()
+        max_blocks = -(-self.vllm_config.model_config.max_model_len // self.block_size)
+        graphs = self.blender.use_graphs(self.kv, max_blocks)
+        if graphs is not None:
+            graphs.capture_all()
+            log.info("cuda_graphs: %d buckets captured in %.1f s", len(graphs.buckets),
+                     time.perf_counter() - t0)
 
     def _warm_up_more(self, kv, row: torch.Tensor, n: int) -> None:
         """The variants a small blend does not reach: split-KV attention (few query tiles

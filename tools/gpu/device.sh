@@ -146,7 +146,7 @@ units() {  # the kernels' and the loader's GPU tests (no vLLM engine): fast, run
   install_project || return 1
   log "units: GPU tests of the kernels and the chunk loader"
   timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -o pythonpath= -q -rfE -m gpu tests/test_kernels_*.py \
-    tests/test_chunk_loader.py 2>&1 | tee "$OUT/gpu_unit_tests.txt" | tail -5
+    tests/test_chunk_loader.py tests/test_layer_graphs.py 2>&1 | tee "$OUT/gpu_unit_tests.txt" | tail -5
   local rc=${PIPESTATUS[0]}
   log "units: rc=$rc"
   return "$rc"
