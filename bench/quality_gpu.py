@@ -3,15 +3,19 @@
 Long-context QA on one engine with `BlendConnector` (vLLM's defaults otherwise), rows at their
 measured compute, EM/F1 with paired bootstrap intervals against full prefill:
 
-- Tasks. `squad`: a SQuAD v1.1 dev question (the dev set from the `bigbench==1.0.0` sdist,
+- Tasks. `squad`: a SQuAD v1.1 dev question (the official dev file, from a package on the index:
   bench/squad.py) over its gold document among 9-39 distractor documents (a document is a run of
   consecutive paragraphs of one Wikipedia article, about `--doc-tokens`), from the same article
-  and from others, shuffled, 4k-16k context tokens. `notes2hop`: another kind, multi-hop fact
+  and from others, shuffled, 4k-16k context tokens. `hotpot`: real multi-hop QA, HotpotQA's
+  dev set (distractor setting, bench/hotpot.py): each question's two gold paragraphs and eight
+  official distractors, padded with other questions' paragraphs to 4k-16k tokens and packed
+  into documents like SQuAD's; official HotpotQA answer scoring. `notes2hop`: multi-hop fact
   lookup: Python's language reference (pydoc_data) as the haystack, with six short notes among
   its documents (three "library X is maintained by P" / "P lives in C" pairs); the question
   asks for the city of library X's maintainer, so the answer needs two notes in two chunks.
-- Splits. Articles (squad) and reference topics (notes2hop) are split by a hash of their
-  name into `tune` (30%) and `heldout` (70%), disjoint; distractors come from the same split.
+- Splits. Articles (squad), questions (hotpot) and reference topics (notes2hop) are split by a
+  hash of their name into `tune` (30%) and `heldout` (70%), disjoint; distractors come from the
+  same split.
   The hybrid settings are chosen on `tune` (best F1, then least compute), and reported on
   `heldout`, which tuning never saw.
 - Rows (`heldout`): `full` (plain prefill by vLLM: no spans, `unmarked: none`), `reuse`
@@ -30,7 +34,7 @@ Each (task, split, row) keeps its per-question answers in `--state` (default
 batches and the same command continues; `--out/quality_gpu.json` always holds every finished
 row, `quality_gpu.png` plots F1 against compute.
 
-    python -m bench.quality_gpu --model DIR [--tasks squad,notes2hop] [--n 500] [--budget-s 540]
+    python -m bench.quality_gpu --model DIR [--tasks squad,hotpot,notes2hop] [--n 500] [--budget-s 540]
     python -m bench.quality_gpu --smoke --out /tmp/qsmoke       # CPU: SmolLM2, tiny, minutes
 """
 
@@ -47,12 +51,16 @@ import sys
 import time
 from pathlib import Path
 
+from bench import hotpot, squad
 from bench.common import topics
-from bench.squad import em_f1, load_squad_dev
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
+# HotpotQA's comparison questions are answered yes or no (a fifth of its dev set).
+SYSTEMS = {"hotpot": "Answer the question with a short phrase taken from the documents, "
+                     "or with yes or no."}
+SCORERS = {"squad": squad.em_f1, "hotpot": hotpot.em_f1, "notes2hop": squad.em_f1}
 HYB = {"selection": "hybrid", "query_weight": 0.5}
 ROW_META: dict[str, dict | None] = {
     "full": None,
@@ -70,7 +78,7 @@ HYBRIDS: dict[str, dict] = {
 }
 TUNE_ROWS = ["full", "deviation", "cheap", *HYBRIDS]
 HELDOUT_ROWS = ["full", "reuse", "deviation", "hybrid", "cheap"]
-TASKS = ("squad", "notes2hop")
+TASKS = ("squad", "hotpot", "notes2hop")
 TARGETS = {"deviation_f1_gap": -1.0, "deviation_ci_half_width": 1.5, "cheap_compute": 0.08,
            "cheap_f1_gap": -3.0}
 PROFILES = {  # the GPU run, and the CPU smoke mode (SmolLM2, short contexts, tiny n)
@@ -107,24 +115,6 @@ def split_of(name: str) -> str:
     return "tune" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10 < 3 else "heldout"
 
 
-def load_squad() -> dict:
-    """SQuAD v1.1 dev: the cached JSON, else the carried .gpu_data copy, else the sdist."""
-    from blend.assets import home
-
-    cached = home() / "data" / "squaddev_v1.1.json"
-    carried = ROOT / ".gpu_data" / "squaddev_v1.1.json.xz"
-    if not cached.exists() and carried.exists():
-        import lzma
-
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_bytes(lzma.open(carried).read())
-        tmp.replace(cached)
-    if cached.exists():
-        return json.loads(cached.read_text())
-    return load_squad_dev()
-
-
 def _ntok(tok, texts: list[str]) -> list[int]:
     return [len(x) for x in tok(texts, add_special_tokens=False).input_ids]
 
@@ -145,7 +135,7 @@ def _fill(rng: random.Random, first: list[tuple[str, int]], rest: list[tuple[str
 def squad_items(tok, split: str, n: int, seed: int, min_tokens: int, max_tokens: int,
                 doc_tokens: int) -> list[dict]:
     """Multi-document SQuAD: gold document + distractors (same article first), shuffled."""
-    data = load_squad()
+    data = squad.load_squad_dev()
     arts = [a for a in data["data"] if split_of(a["title"]) == split]
     docs: dict[int, list[tuple[str, int, set[int]]]] = {}  # article -> (text, tokens, paragraphs)
     for ai, art in enumerate(arts):
@@ -238,8 +228,52 @@ def notes2hop_items(tok, split: str, n: int, seed: int, min_tokens: int, max_tok
     return items
 
 
+def hotpot_items(tok, split: str, n: int, seed: int, min_tokens: int, max_tokens: int,
+                 doc_tokens: int) -> list[dict]:
+    """HotpotQA (distractor setting): the question's two gold paragraphs, its eight official
+    distractors, then paragraphs of other questions of the split up to the context size; the
+    paragraphs shuffled and packed into documents of up to `doc_tokens` (like SQuAD's), so
+    the two gold paragraphs mostly land in different chunks."""
+    data = [q for q in hotpot.load_hotpot_dev() if split_of(q["_id"]) == split]
+    text = {}
+    for q in data:
+        for title, sents in q["context"]:
+            text.setdefault(title, f"{title}\n" + "".join(sents).strip())
+    titles = sorted(text)
+    ntok: dict[str, int] = {}
+
+    def sized(names: list[str]) -> list[tuple[str, int]]:
+        new = [t for t in names if t not in ntok]
+        ntok.update(zip(new, _ntok(tok, [text[t] for t in new]) if new else []))
+        return [(t, ntok[t]) for t in names]
+
+    rng = random.Random(f"hotpot-{split}-{seed}")
+    items = []
+    for q in rng.sample(data, min(n, len(data))):
+        own = [t for t, _ in q["context"]]
+        gold = list(dict.fromkeys(t for t, _ in q["supporting_facts"] if t in text))
+        distract = [t for t in own if t not in gold]
+        others = [t for t in rng.sample(titles, min(len(titles), 600)) if t not in own]
+        budget = rng.randint(min_tokens, max_tokens)
+        base = sized(gold)
+        fill, _ = _fill(rng, sized(distract), sized(others), budget - sum(k for _, k in base))
+        paras = [*base, *sized(fill)]
+        rng.shuffle(paras)
+        docs, cur, size = [], [], 0
+        for title, k in paras:
+            if cur and size + k > doc_tokens:
+                docs.append("\n\n".join(text[t] for t in cur))
+                cur, size = [], 0
+            cur.append(title)
+            size += k
+        docs.append("\n\n".join(text[t] for t in cur))
+        items.append({"id": q["_id"], "docs": docs, "question": q["question"],
+                      "answers": [q["answer"]], "type": q["type"], "gold_titles": gold})
+    return items
+
+
 def make_items(task: str, tok, split: str, n: int, seed: int, prof: dict) -> list[dict]:
-    fn = {"squad": squad_items, "notes2hop": notes2hop_items}[task]
+    fn = {"squad": squad_items, "hotpot": hotpot_items, "notes2hop": notes2hop_items}[task]
     return fn(tok, split, n, seed, prof["min_tokens"], prof["max_tokens"], prof["doc_tokens"])
 
 
@@ -301,7 +335,7 @@ def read_traces(trace_dir: Path, request_ids: list[str]) -> dict[str, dict]:
     return found
 
 
-def run_batch(llm, tok, items: list[dict], meta: dict | None, num_layers: int,
+def run_batch(llm, tok, task: str, items: list[dict], meta: dict | None, num_layers: int,
               answer_tokens: int, trace_dir: Path) -> dict[str, dict]:
     """One `generate` over many questions under one row; per question: answer, EM, F1, compute."""
     from vllm import SamplingParams
@@ -309,7 +343,8 @@ def run_batch(llm, tok, items: list[dict], meta: dict | None, num_layers: int,
     import blend
 
     sp = SamplingParams(max_tokens=answer_tokens, temperature=0.0)
-    prompts = [blend.build_prompt(tok, SYSTEM, it["docs"], it["question"],
+    system = SYSTEMS.get(task, SYSTEM)
+    prompts = [blend.build_prompt(tok, system, it["docs"], it["question"],
                                   cache_fuse_metadata=meta) for it in items]
     if meta is None:  # full prefill: plain token prompts (the engine leaves them to vLLM)
         outs = llm.generate([p.tokens_prompt() for p in prompts], sp, use_tqdm=False)
@@ -319,7 +354,7 @@ def run_batch(llm, tok, items: list[dict], meta: dict | None, num_layers: int,
     res = {}
     for it, p, o in zip(items, prompts, outs):
         pred = answer_text(o.outputs[0].text)
-        em, f1 = em_f1(pred, it["answers"])
+        em, f1 = SCORERS[task](pred, it["answers"])
         rep = (o.kv_transfer_params or {}).get("blend") or {}
         tr = traces.get(o.request_id)
         if meta is None:
@@ -430,8 +465,8 @@ def run(args, prof: dict, state: State, t0: float) -> dict:
                           f"{len(items[(task, split)])}"
                 break
             t = time.time()
-            doc["q"].update(run_batch(llm, tok, batch, meta, num_layers, prof["answer_tokens"],
-                                      trace_dir))
+            doc["q"].update(run_batch(llm, tok, task, batch, meta, num_layers,
+                                      prof["answer_tokens"], trace_dir))
             dt = time.time() - t
             per_q[kind] = max(per_q.get(kind, 0.0) * 0.5, dt / len(batch))
             info["batches"] += 1

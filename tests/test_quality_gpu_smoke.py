@@ -1,13 +1,14 @@
 """The quality benchmark's CPU smoke mode (`python -m bench.quality_gpu --smoke`), so the GPU
 run cannot rot.
 
-One vLLM engine with the connector on SmolLM2 (fp32, eager), both tasks (notes2hop alone where
-the SQuAD dev set cannot be had: its one test then skips, saying why), both splits, tiny n
-and short contexts (a few minutes on 2 cores). It measures nothing about quality at scale: it
-checks the results' JSON shape, that the hybrid row was chosen on the tune split, that compute
-is what the connector measured (ordered as the settings are), and, from the per-question
-answers the JSON points to, that full prefill's F1 is the official SQuAD F1 of its own answers
-against the dev set's gold answers. The bench runs as a child; the test reads its output only.
+One vLLM engine with the connector on SmolLM2 (fp32, eager), every task (notes2hop alone where
+the SQuAD and HotpotQA dev sets cannot be had: their tests then skip, saying why), both
+splits, tiny n and short contexts (a few minutes on 2 cores). It measures nothing about
+quality at scale: it checks the results' JSON shape, that the hybrid row was chosen on the
+tune split, that compute is what the connector measured (ordered as the settings are), and,
+from the per-question answers the JSON points to, that full prefill's F1 is the official SQuAD
+(HotpotQA) F1 of its own answers against the dev set's gold answers. The bench runs as a
+child; the test reads its output only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from reference.hotpot_score import hotpot_em, hotpot_f1
 from reference.squad_score import best_over_golds, exact_match, f1_score
 
 pytestmark = pytest.mark.vllm
@@ -28,14 +30,14 @@ N, N_TUNE = 4, 3  # questions per task on heldout and on tune (the smoke profile
 HELDOUT_ROWS = {"full", "reuse", "deviation", "hybrid", "cheap"}  # docs/quality_gpu.md
 
 
-def _squad_missing() -> str | None:
-    """Why the SQuAD dev set cannot be had here, or None. The package index stopped serving
-    the bigbench 1.0.0 sdist on 2026-12-07; where the JSON is cached or carried, it runs."""
-    from bench.quality_gpu import load_squad
+def _missing(task: str) -> str | None:
+    """Why a task's dev set cannot be had here, or None (the package index stopped serving
+    the bigbench 1.0.0 sdist on 2026-12-07; where the JSON is cached or carried, it runs)."""
+    from bench import hotpot, squad
     from blend.assets import AssetError
 
     try:
-        load_squad()
+        {"squad": squad.load_squad_dev, "hotpot": hotpot.load_hotpot_dev}[task]()
     except AssetError as exc:
         return str(exc)
     return None
@@ -44,8 +46,8 @@ def _squad_missing() -> str | None:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, child_env, smollm2_path) -> dict:
     out, state = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("state")
-    missing = _squad_missing()
-    tasks = ["notes2hop"] if missing else ["squad", "notes2hop"]
+    missing = {t: why for t in ("squad", "hotpot") if (why := _missing(t))}
+    tasks = [t for t in ("squad", "hotpot") if t not in missing] + ["notes2hop"]
     cmd = [sys.executable, "-m", "bench.quality_gpu", "--smoke", "--n", str(N), "--n-tune",
            str(N_TUNE), "--out", str(out), "--state", str(state), "--budget-s", "1500",
            "--tasks", ",".join(tasks)]
@@ -54,7 +56,7 @@ def smoke(tmp_path_factory, child_env, smollm2_path) -> dict:
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every planned run is done" in proc.stdout
-    return {"out": out, "state": state, "tasks": tasks, "squad_missing": missing,
+    return {"out": out, "state": state, "tasks": tasks, "missing": missing,
             "doc": json.loads((out / "quality_gpu.json").read_text())}
 
 
@@ -132,8 +134,8 @@ def test_full_prefill_f1_is_scored_against_gold(smoke):
     gold answers of each question id: the JSON's F1 and EM must be that. Not every answer may
     score 0 against a wrong gold list (a model that says nothing would), tune and heldout
     questions come from disjoint articles, and every row answered the same questions."""
-    if smoke["squad_missing"]:
-        pytest.skip(f"no SQuAD dev set here: {smoke['squad_missing']}")
+    if "squad" in smoke["missing"]:
+        pytest.skip(f"no SQuAD dev set here: {smoke['missing']['squad']}")
     tasks = smoke["doc"]["tasks"]
     dev = _squad_dev()
     full = _answers(tasks["squad"]["rows"]["full"])
@@ -152,3 +154,27 @@ def test_full_prefill_f1_is_scored_against_gold(smoke):
         assert set(_answers(v)) == set(full), r
     tune = _answers(tasks["squad@tune"]["rows"]["full"])
     assert {dev[q][0] for q in full}.isdisjoint(dev[q][0] for q in tune)
+
+
+def test_hotpot_full_prefill_f1_is_scored_against_gold(smoke):
+    """The same for HotpotQA with its official yes/no rule; its splits hold other questions."""
+    if "hotpot" in smoke["missing"]:
+        pytest.skip(f"no HotpotQA dev set here: {smoke['missing']['hotpot']}")
+    from blend.assets import home
+
+    dev = {q["_id"]: q["answer"] for q in
+           json.loads((home() / "data" / "hotpot_dev_distractor_v1.json").read_text())}
+    tasks = smoke["doc"]["tasks"]
+    full = _answers(tasks["hotpot"]["rows"]["full"])
+    assert len(full) == N and set(full) <= set(dev)
+    for q, r in full.items():
+        assert r["gold"] == [dev[q]], q
+    f1s = [hotpot_f1(full[q]["pred"], dev[q]) for q in full]
+    ems = [hotpot_em(full[q]["pred"], dev[q]) for q in full]
+    assert tasks["hotpot"]["rows"]["full"]["f1"] == pytest.approx(100 * sum(f1s) / len(f1s),
+                                                                 abs=0.01)
+    assert tasks["hotpot"]["rows"]["full"]["em"] == pytest.approx(100 * sum(ems) / len(ems),
+                                                                 abs=0.01)
+    for r, v in tasks["hotpot"]["rows"].items():
+        assert set(_answers(v)) == set(full), r
+    assert set(full).isdisjoint(_answers(tasks["hotpot@tune"]["rows"]["full"]))

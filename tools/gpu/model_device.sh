@@ -33,15 +33,18 @@ stash() {
     [ -e "$f" ] || continue
     mv -f "$f" "$GMODEL/" && n=$((n + 1))
   done
-  if [ -f .gpu_data/squaddev_v1.1.json.xz ]; then
+  local xzf name want have
+  for xzf in .gpu_data/*.json.xz; do  # the QA dev sets, each checked against the manifest
+    [ -f "$xzf" ] || continue
+    name=$(basename "$xzf" .xz)
     python3 -c "import lzma, sys, shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-      .gpu_data/squaddev_v1.1.json.xz "$CACHEBLEND_HOME/data/squaddev_v1.1.json.tmp" \
-      && want=$(awk '/squaddev_v1.1.json$/{print $1}' .gpu_data/manifest.txt) \
-      && have=$(sha256sum < "$CACHEBLEND_HOME/data/squaddev_v1.1.json.tmp" | cut -d' ' -f1) \
-      && [ "$want" = "$have" ] \
-      && mv "$CACHEBLEND_HOME/data/squaddev_v1.1.json.tmp" "$CACHEBLEND_HOME/data/squaddev_v1.1.json" \
-      && log "stash: SQuAD dev -> $CACHEBLEND_HOME/data (sha256 ok)" || log "stash: SQuAD dev FAILED its check"
-  fi
+      "$xzf" "$CACHEBLEND_HOME/data/$name.tmp" \
+      && want=$(awk -v n="$name" '$2 == n {print $1}' .gpu_data/manifest.txt) \
+      && have=$(sha256sum < "$CACHEBLEND_HOME/data/$name.tmp" | cut -d' ' -f1) \
+      && [ -n "$want" ] && [ "$want" = "$have" ] \
+      && mv "$CACHEBLEND_HOME/data/$name.tmp" "$CACHEBLEND_HOME/data/$name" \
+      && log "stash: $name -> $CACHEBLEND_HOME/data (sha256 ok)" || log "stash: $name FAILED its check"
+  done
   log "stash: moved $n file(s); in $GMODEL: $(cd "$GMODEL" && ls gmodel_* 2>/dev/null | tr '\n' ' ')"
 }
 

