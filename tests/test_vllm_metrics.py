@@ -106,6 +106,7 @@ def test_counters_reach_prometheus(run):
     assert _one(m, "vllm:cacheblend_computed_chunks") == 4  # 3 misses + the damaged entry
     assert _one(m, "vllm:cacheblend_stored_chunks") == 4
     assert _one(m, "vllm:cacheblend_fallbacks") == 1
+    assert _one(m, "vllm:cacheblend_graph_replays") == 0  # exported; cuda_graphs is off
     blended = _one(m, "vllm:cacheblend_blended_tokens")
     recomputed = _one(m, "vllm:cacheblend_recomputed_tokens")
     ctx = sum(p.spans[-1][1] for k, p in run["prompts"].items() if k != "fallback")

@@ -57,6 +57,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "store_evictions": ("host and disk tier evictions", "vllm:cacheblend_store_evictions"),
     "jit_compiles": ("blend-kernel Triton compiles after the start-up warm-up",
                      "vllm:cacheblend_jit_compiles"),
+    "graph_replays": ("blend layers replayed from CUDA graphs (cuda_graphs)",
+                      "vllm:cacheblend_graph_replays"),
     "scheduler_ms": ("milliseconds in the connector's scheduler side",
                      "vllm:cacheblend_scheduler_milliseconds"),
 }
@@ -69,7 +71,8 @@ _WORKER_KEYS = {"chunks": "chunk_lookups", "chunk_hits": "chunk_hits",
                 "load_ms": "load_ms", "blend_ms": "blend_ms", "gpu_hits": "gpu_hits",
                 "pinned_on_load": "pinned_on_load", "rank_misses": "rank_misses",
                 "save_requested": "save_requested", "save_dropped": "save_dropped",
-                "store_evictions": "store_evictions", "jit_compiles": "jit_compiles"}
+                "store_evictions": "store_evictions", "jit_compiles": "jit_compiles",
+                "graph_replays": "graph_replays"}
 
 
 def empty() -> dict[str, Any]:

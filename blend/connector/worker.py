@@ -103,6 +103,7 @@ class WorkerStats:
     save_dropped: int = 0  # over the saver's pending bound: not saved
     store_evictions: int = 0  # host and disk tier evictions (the store's counters' growth)
     jit_compiles: int = 0  # blend-kernel Triton compiles after the warm-up
+    graph_replays: int = 0  # layers replayed from CUDA graphs (cuda_graphs)
     rank_misses: int = 0  # chunks this rank had but another TP rank lacked (recomputed)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +133,7 @@ class BlendWorker:
         self.saver: ChunkSaver | None = None
         self._saver_seen = (0, 0, 0)  # saver (saved, dropped) and store evictions at last take
         self._jit_seen = 0
+        self._replays_seen = 0
         self.trace_dir = extra.get("trace_dir")
         self.rank, self.fingerprint, self.tp = 0, "", None
         self.last_traces: dict[str, dict] = {}
@@ -552,6 +554,10 @@ class BlendWorker:
         jit = jit_watch.compiles()
         st.jit_compiles += jit - self._jit_seen
         self._jit_seen = jit
+        graphs = self.blender.graphs if self.blender is not None else None
+        if graphs is not None:
+            st.graph_replays += graphs.replays - self._replays_seen
+            self._replays_seen = graphs.replays
         return st.take()
 
     def _write_traces_logged(self, *item) -> None:

@@ -8,6 +8,8 @@
 #                                                  # /tmp/site-<version>; SmolLM2 bf16 from the carried GGUF
 #   bash tools/gpu/device.sh units                 # kernel + loader GPU tests -> $OUT/gpu_unit_tests.txt
 #   bash tools/gpu/device.sh tests                 # tests/test_vllm_gpu.py -> $OUT/vllm_gpu_tests.txt
+#   bash tools/gpu/device.sh graphs                # tests/test_vllm_gpu_graphs.py (cuda_graphs in vLLM)
+#                                                  # -> $OUT/vllm_gpu_graphs_tests.txt
 #   bash tools/gpu/device.sh bench [ARGS...]       # bench/ttft_vllm_gpu.py -> $OUT/ttft_vllm_gpu.json
 #   bash tools/gpu/device.sh profile [ARGS...]     # bench/profile_vllm_gpu.py -> $OUT/profile_vllm_gpu.json
 #   bash tools/gpu/device.sh serve [ARGS...]       # bench/serve_rag.py (vllm serve plain vs blended under
@@ -142,6 +144,16 @@ tests() {
   return "$rc"
 }
 
+graphs() {  # cuda_graphs inside vLLM: r=1.0 by the master check, replays counted (opt-in, apart)
+  install_project || return 1
+  log "graphs: tests/test_vllm_gpu_graphs.py"
+  VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} timeout "$(left)" python3 -P -m pytest -p no:cacheprovider -o pythonpath= -rA -v -s -m gpu \
+    tests/test_vllm_gpu_graphs.py 2>&1 | tee "$OUT/vllm_gpu_graphs_tests.txt" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|replays"
+  local rc=${PIPESTATUS[0]}
+  log "graphs: rc=$rc"
+  return "$rc"
+}
+
 units() {  # the kernels' and the loader's GPU tests (no vLLM engine): fast, run first
   install_project || return 1
   log "units: GPU tests of the kernels and the chunk loader"
@@ -182,11 +194,12 @@ while [ $# -gt 0 ]; do
     install) install || exit 1 ;;
     tests) tests || rc=1 ;;
     units) units || rc=1 ;;
+    graphs) graphs || rc=1 ;;
     bench) bench "$@" || rc=1; break ;;
     profile) profile "$@" || rc=1; break ;;
     serve) serve "$@" || rc=1; break ;;
     all) install || exit 1; tests || rc=1; bench || rc=1 ;;
-    *) echo "unknown subcommand $cmd (stash|install|units|tests|bench|profile|serve|all)" >&2; exit 2 ;;
+    *) echo "unknown subcommand $cmd (stash|install|units|tests|graphs|bench|profile|serve|all)" >&2; exit 2 ;;
   esac
 done
 exit "$rc"
