@@ -197,7 +197,9 @@ class BlendWorker:
         self.saver = ChunkSaver(self.store, self.extra["save_pending_bytes"])  # checked at start
         if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
             self._warm_up()
-        self._capture_graphs()
+        elif self.config.cuda_graphs:
+            log.warning("cuda_graphs: needs CUDA and the triton backend (blend ops %s); the "
+                        "blend runs eagerly", self.blender.ops.name)
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
                  "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
                  adapter.num_layers, self.block_size, backend, self.blender.ops.name,
@@ -229,6 +231,7 @@ class BlendWorker:
         self.blender.run([BlendSeq(tokens, 0, row, forced)], kv, blend=True,
                          layer_hook=layer_loader(self.blender, kv, places))
         self._warm_up_more(kv, row, n)
+        self._capture_graphs()  # before the JIT watch: a capture's compiles are start-up ones
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         jit_watch.install()
