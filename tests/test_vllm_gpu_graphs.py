@@ -38,7 +38,7 @@ def graphed(smollm2_path, tmp_path_factory, reference):  # noqa: F811 - the impo
         on_miss="compute", admit="always", unmarked="none",
         cache_fuse_metadata={"recomp_ratio": 0.15, "cuda_graphs": True})
     t = time.time()  # after the plain reference engine has gone (the fixture order)
-    engine = LLM(model=smollm2_path, kv_transfer_config=ktc, **ENGINE)
+    engine = LLM(model=smollm2_path, kv_transfer_config=ktc, disable_log_stats=False, **ENGINE)
     print(f"graphed blend engine start (captures included): {time.time() - t:.0f} s")
     yield engine
     engine.llm_engine.engine_core.shutdown()
