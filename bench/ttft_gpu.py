@@ -181,8 +181,7 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     ref = full()[0, -1].float()
     got = blended(r1)[-1].float()
     inv_err = ((got - ref).norm() / ref.norm()).item()
-    extra = graph_rows(blender, kv, int(row.numel()), blended, timed, reps, device) if graphs \
-        else {}
+    extra = graph_rows(blender, kv, int(row.numel()), blended, reps, device) if graphs else {}
     res = {
         "ctx": ctx, "question": QUESTION, "chunks": chunks, **extra,
         "layout": "paged16" if block_size == 16 else ("contiguous" if block_size is None
@@ -228,7 +227,7 @@ def run_context(model, ctx: int, block_size: int | None, reps: int, device: str,
     return res
 
 
-def graph_rows(blender: Blender, kv: PagedKV, max_blocks: int, blended, timed, reps: int,
+def graph_rows(blender: Blender, kv: PagedKV, max_blocks: int, blended, reps: int,
                device: str) -> dict:
     """The same blend with the steady layers as CUDA graphs (`cuda_graphs`), interleaved
     with the eager one: times, host enqueue and how far its logits are from eager's."""

@@ -40,11 +40,11 @@ class LayerGraphs:
     """The steady layers of blends over one KV cache (`kv.layer(l)`), per row bucket."""
 
     def __init__(self, adapter, ops, kv, max_blocks: int, buckets: Sequence[int] = BUCKETS,
-                 max_reqs: int = MAX_REQS, capture: bool | None = None) -> None:
+                 max_reqs: int = MAX_REQS) -> None:
         self.adapter, self.ops, self.kv = adapter, ops, kv
         self.buckets, self.max_reqs, self.max_blocks = tuple(sorted(buckets)), max_reqs, max_blocks
         self.device = torch.device(adapter.device)
-        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.capture = self.device.type == "cuda"  # off CUDA (tests): the same path, eagerly
         probe = adapter.embed(torch.zeros(1, dtype=torch.long, device=self.device))
         self.width = int(probe.shape[-1])  # the residual stream's row width (packed or not)
         self._sets: dict[int, _Bucket] = {}

@@ -196,10 +196,9 @@ class BlendWorker:
         self.gpu_tier = DeviceTier(gpu_bytes) if gpu_bytes > 0 else None
         self.saver = ChunkSaver(self.store, self.extra["save_pending_bytes"])  # checked at start
         if self.blender.ops.name in ("triton", "flash"):  # JIT kernels: compile them now
-            self._warm_up()
-        elif self.config.cuda_graphs:
-            log.warning("cuda_graphs: needs CUDA and the triton backend (blend ops %s); the "
-                        "blend runs eagerly", self.blender.ops.name)
+            self._warm_up()  # and capture the graphs
+        else:
+            self._capture_graphs()  # only says why there are none
         log.info("worker ready: %s, %d layers, block size %d, backend %s, blend ops %s, "
                  "model ops %s, store %s, GPU tier %.1f GiB", type(adapter.model).__name__,
                  adapter.num_layers, self.block_size, backend, self.blender.ops.name,
@@ -244,7 +243,8 @@ class BlendWorker:
         if not self.config.cuda_graphs:
             return
         if torch.device(self.blender.adapter.device).type != "cuda":
-            log.warning("cuda_graphs: needs CUDA; the blend runs eagerly")
+            log.warning("cuda_graphs: needs CUDA and the triton backend (blend ops %s); the "
+                        "blend runs eagerly", self.blender.ops.name)
             return
         t0 = time.perf_counter()
         max_blocks = -(-self.vllm_config.model_config.max_model_len // self.block_size)
